@@ -1,0 +1,3 @@
+"""Encoders: importing this package registers every mimtrain encoder with timm."""
+from . import vit  # noqa: F401
+from .base import MIMEncoder, build_encoder, check_image_size  # noqa: F401
