@@ -1,0 +1,45 @@
+"""Parameter / multiply-add table of registered encoders, as papers report them (1000-class head, one image).
+
+    python benchmarks/model_table.py hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
+
+Prints a markdown table; GFLOPs are multiply-adds (MACs), counted by `mimtrain.flops.count_params_and_macs`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from mimtrain.flops import count_params_and_macs
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="+", help="registered timm names")
+    parser.add_argument("--img-size", type=_size, default=(224, 224), help="224 or HxW, e.g. 192x256")
+    parser.add_argument("--device", default="auto", choices=("auto", "meta", "cpu"),
+                        help="meta counts on shapes only (fast); auto falls back to cpu where meta cannot run")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    h, w = args.img_size
+    rows = []
+    for name in args.names:
+        params, macs = count_params_and_macs(name, (h, w), device=args.device)
+        rows.append(dict(name=name, img_size=[h, w], params_m=round(params / 1e6, 2), gmacs=round(macs / 1e9, 2)))
+    print(f"| model | params (M) | GFLOPs (MACs) at {h}x{w} |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['params_m']:.2f} | {r['gmacs']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

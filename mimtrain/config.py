@@ -1,0 +1,266 @@
+"""Typed configuration: dataclass defaults (= the MAE ViT-B recipe), YAML recipes that state only differences,
+dotted command-line overrides, strict keys and types, and every derived value computed in `derive`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "mim_vit_base_patch16"  # any registered mimtrain encoder (timm name)
+    mask_unit: int = 0  # pixels per mask cell; 0 = the encoder's default
+    drop_path_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)  # extra architecture arguments (ablations, tiny test models)
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.75
+    generator: str = "random"  # "random" (MAE, uniform) | "block" (BEiT-style block-wise)
+    min_block: int = 4  # block generator: smallest block, in mask units
+    max_aspect: float = 3.0  # block generator: aspect ratios drawn log-uniformly in [1/a, a]
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mae"  # "mae" | "simmim"
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # brace pattern, file list (comma-separated), directory, pipe: command or http(s) URL
+    val_shards: str = ""
+    img_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    shuffle_buffer: int = 2000
+    num_workers: int = 8
+    samples_per_epoch: int = 0  # 0 = read from the shards' index (written by make-shards) or count them once
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # base lr for a batch of `lr_base_batch`
+    lr: float = 0.0  # absolute lr; 0 = derived from blr (see `derive`)
+    lr_base_batch: int = 256  # MAE scales by batch/256; SimMIM by batch/512
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 40.0
+    clip_grad: float = 0.0  # 0 = off
+    fused: bool = True  # torch's fused AdamW kernel where the device supports it
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    max_steps: int = 0  # hard stop (optimizer steps) that overrides epochs; the schedule still follows epochs
+    batch_size: int = 64  # per process; MAE ViT-B: 64 x 64 GPUs = 4096
+    grad_accum: int = 1
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
+    log_every: int = 20  # steps between logged scalars (and the only host syncs of the loss)
+    image_every: int = 500  # steps between TensorBoard reconstruction grids (0 = off)
+    ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted once a newer one is complete)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/mae_vit_base"
+    resume: str = ""  # "" (start fresh) | "auto" (latest complete checkpoint in output_dir) | a checkpoint dir
+    seed: int = 0
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------- merging
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], choices, n=1)
+    hint = f"; did you mean '{'.'.join(key.split('.')[:-1] + [close[0]])}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
+    """Return `cfg` with `updates` (a nested dict) applied; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(type(cfg))
+    fields = _fields(type(cfg))
+    changes = {}
+    for key, value in (updates or {}).items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown(full, list(fields))
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of {list(_fields(type(current)))}, got {value!r}")
+            changes[key] = merge(current, value, full + ".")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_override(item: str) -> dict:
+    """'train.max_steps=20' -> {'train': {'max_steps': 20}} (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Defaults <- recipe YAML (and the recipes it `inherit`s) <- dotted overrides."""
+    cfg = base or Config()
+    if recipe:
+        cfg = merge(cfg, _read_recipe(Path(recipe)))
+    for item in overrides:
+        cfg = merge(cfg, parse_override(item))
+    return cfg
+
+
+def _read_recipe(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping")
+    parent = data.pop("inherit", None)
+    if parent:
+        return _deep_update(_read_recipe(path.parent / parent), data)
+    return data
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    return merge(Config(), data)
+
+
+def save_config(cfg: Config, path: str | Path, derived: dict | None = None) -> None:
+    data = to_dict(cfg)
+    if derived:
+        data["derived"] = derived
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def read_config(path: str | Path) -> Config:
+    data = yaml.safe_load(Path(path).read_text())
+    data.pop("derived", None)
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------------------- derived
+
+@dataclass
+class Derived:
+    """Every value computed from the config, in one place; logged and saved with the config."""
+    world_size: int
+    effective_batch: int  # batch_size x processes x grad_accum
+    lr: float
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int  # of the schedule (epochs x steps_per_epoch)
+    warmup_steps: int
+    stop_step: int  # where training stops: max_steps if set, else total_steps
+    micro_batches_per_epoch: int  # per process
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def derive(cfg: Config, world_size: int, samples_per_epoch: int) -> Derived:
+    t, o = cfg.train, cfg.optim
+    eff = t.batch_size * world_size * t.grad_accum
+    lr = o.lr if o.lr > 0 else o.blr * eff / o.lr_base_batch
+    steps_per_epoch = samples_per_epoch // eff
+    if steps_per_epoch < 1:
+        raise ConfigError(f"an epoch of {samples_per_epoch} samples is smaller than one effective batch of {eff} "
+                          f"(train.batch_size={t.batch_size} x {world_size} processes x grad_accum={t.grad_accum})")
+    total = steps_per_epoch * t.epochs
+    stop = t.max_steps if t.max_steps > 0 else total
+    return Derived(world_size=world_size, effective_batch=eff, lr=lr, steps_per_epoch=steps_per_epoch,
+                   total_steps=total, warmup_steps=int(math.ceil(o.warmup_epochs * steps_per_epoch)),
+                   stop_step=stop, micro_batches_per_epoch=steps_per_epoch * t.grad_accum)

@@ -1,0 +1,1 @@
+"""Data: shard writing, the streaming pipeline and transforms."""

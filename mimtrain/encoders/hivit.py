@@ -1,0 +1,258 @@
+"""HiViT (hierarchical ViT) as a MIM encoder, written from the paper (Zhang et al., "HiViT: a simpler and more
+efficient design of hierarchical vision transformer").
+
+The network, in the paper's order:
+1. 4x4 patch embedding (a non-overlapping conv): stride-4 tokens.
+2. Hierarchical patch embedding: stage 1 (stride 4) and stage 2 (stride 8) hold only MLP blocks, so no token ever
+   looks at another; 2x2 patch merging (concat + norm + linear, as Swin) between them and into the main stage.
+3. Main stage at stride 16: plain transformer blocks (global self-attention) with a learned relative position bias
+   per block and head (step (b) of the paper) on top of an absolute position embedding (see docs for why both).
+   There is no stage 4, so every stride-16 token is symmetric.
+
+Because nothing before the main stage mixes tokens across a 16x16 pixel cell, a cell's main-stage token depends
+only on that cell's pixels. Drop mode (MAE) therefore gathers the visible 16x16 cells right at the pixels and runs
+every stage on them alone: all compute scales with the visible fraction, and hidden pixels cannot leak.
+
+Reading of Table 7's "Depth" column (checked against its param/FLOP counts and Table 9's ablation): a stage-1/2
+"block" is a transformer block whose attention sub-layer is replaced by a second MLP, i.e. two residual MLPs of
+ratio 3 (12 d^2 parameters, the same as attention + ratio-4 MLP). Depth 2-2-20 is thus 4 + 4 MLPs + 20 blocks.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, LayerNorm, Mlp, PatchEmbed, trunc_normal_
+from timm.layers.pos_embed_rel import gen_relative_position_index
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import register_model
+from timm.models.swin_transformer import PatchMerging
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .base import fill_tokens, mask_to_tokens, strip_timm_kwargs
+
+CELL = 16  # pixels per main-stage token: the unit that drop mode can remove exactly
+PATCH = 4  # pixels per stage-1 token
+
+
+class MlpBlock(nn.Module):
+    """A transformer block with its attention sub-layer swapped for a second MLP: no token mixing at all.
+
+    x: [..., C] -> [..., C] (works on any leading shape, since each token is processed alone).
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1, self.mlp1 = LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.norm2, self.mlp2 = LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.mlp1(self.norm1(x)))
+        return x + self.drop_path(self.mlp2(self.norm2(x)))
+
+
+class RelPosBlock(Block):
+    """timm's pre-norm ViT block plus a learned relative position bias per head (Swin/BEiT style table).
+
+    The bias is looked up from an index of (query, key) grid offsets, so drop mode passes the index rows/columns
+    of the visible tokens only.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1), num_heads))
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: Tensor, rel_index: Tensor) -> Tensor:
+        """x: [B, N, C]; rel_index: [B or 1, N, N] long offsets into the table -> [B, N, C]."""
+        bias = self.relative_position_bias_table[rel_index].permute(0, 3, 1, 2)  # [B, heads, N, N]
+        return super().forward(x, attn_mask=bias.to(x.dtype))
+
+
+class HiViT(nn.Module):
+    """HiViT encoder + the mimtrain encoder contract (see `encoders/base.py`).
+
+    Args:
+        img_size: input size the position embedding and relative-position index are built for (multiple of 16).
+        dims: channels of stage 1 (stride 4), stage 2 (stride 8) and the main stage (stride 16).
+        depths: Table 7's depths: stage-1/2 MLP blocks (two MLPs each) and main-stage transformer blocks.
+        num_heads: attention heads of the main stage.
+        mlp_ratio: MLP ratio of the main-stage blocks.
+        stem_mlp_ratio: MLP ratio of the stage-1/2 MLPs.
+        mask_unit: pixels per mask cell; drop mode needs a multiple of 16, fill mode a multiple of 4.
+        mask_mode: "drop" (MAE: hidden cells never enter) or "fill" (SimMIM: mask token after the patch embedding).
+        fixed_pos_embed: absolute position embedding as a frozen 2-D sin-cos table (MAE) instead of a learned one.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, dims: tuple[int, int, int] = (128, 256, 512),
+                 depths: tuple[int, int, int] = (2, 2, 20), num_heads: int = 8, mlp_ratio: float = 4.0,
+                 stem_mlp_ratio: float = 3.0, num_classes: int = 1000, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, mask_unit: int = CELL, mask_mode: str = "drop",
+                 fixed_pos_embed: bool = True):
+        super().__init__()
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if h % CELL or w % CELL:
+            raise ValueError(f"HiViT needs an image size divisible by its main-stage stride {CELL}, got {h}x{w}")
+        if mask_mode not in ("drop", "fill"):
+            raise ValueError(f"mask_mode must be 'drop' or 'fill', got {mask_mode!r}")
+        if mask_mode == "drop" and mask_unit % CELL:
+            raise ValueError(f"HiViT drop mode removes whole {CELL}x{CELL} main-stage tokens: mask_unit must be a "
+                             f"multiple of {CELL}, got {mask_unit} (use mask_mode='fill' for finer masks)")
+        if mask_unit % PATCH:
+            raise ValueError(f"mask_unit {mask_unit} must be a multiple of the patch size {PATCH}")
+        self.patch_size, self.mask_unit, self.mask_mode = PATCH, mask_unit, mask_mode
+        self.embed_dim = self.num_features = dims[2]
+        self.num_prefix_tokens = 0
+        self.num_classes = num_classes
+        self.grid_size = (h // CELL, w // CELL)
+        self.feature_info = [dict(num_chs=dims[0], reduction=4, module="stage1"),
+                             dict(num_chs=dims[1], reduction=8, module="stage2"),
+                             dict(num_chs=dims[2], reduction=16, module="norm")]
+
+        n_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear in depth, as Swin
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=PATCH, embed_dim=dims[0], norm_layer=LayerNorm,
+                                      flatten=False, output_fmt="NHWC")
+        self.mask_token = nn.Parameter(torch.zeros(dims[0])) if mask_mode == "fill" else None
+        self.stage1 = nn.Sequential(*[MlpBlock(dims[0], stem_mlp_ratio, d) for d in dpr[:depths[0]]])
+        self.merge1 = PatchMerging(dims[0], dims[1], norm_layer=LayerNorm)
+        self.stage2 = nn.Sequential(*[MlpBlock(dims[1], stem_mlp_ratio, d) for d in dpr[depths[0]:sum(depths[:2])]])
+        self.merge2 = PatchMerging(dims[1], dims[2], norm_layer=LayerNorm)
+
+        self.pos_embed = nn.Parameter(torch.zeros(self.grid_size[0] * self.grid_size[1], dims[2]),
+                                      requires_grad=not fixed_pos_embed)
+        self.register_buffer("rel_index", gen_relative_position_index(self.grid_size), persistent=False)
+        self.blocks = nn.ModuleList([
+            RelPosBlock(dims[2], num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=d,
+                        norm_layer=LayerNorm) for d in dpr[sum(depths[:2]):]])
+        self.norm = LayerNorm(dims[2])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims[2], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(fixed_pos_embed)
+
+    def _init_weights(self, fixed_pos_embed: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            if fixed_pos_embed:
+                self.pos_embed.copy_(build_sincos2d_pos_embed(list(self.grid_size), dim=self.embed_dim))
+            else:
+                trunc_normal_(self.pos_embed, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters()
+                if n in ("pos_embed", "mask_token") or n.endswith("relative_position_bias_table")}
+
+    # -- the algorithm, in order ---------------------------------------------------------------------------------
+
+    def _check_size(self, x: Tensor) -> None:
+        grid = (x.shape[-2] // CELL, x.shape[-1] // CELL)
+        if grid != self.grid_size or x.shape[-2] % CELL or x.shape[-1] % CELL:
+            raise ValueError(f"input {tuple(x.shape[-2:])} does not match the HiViT built for "
+                             f"{self.grid_size[0] * CELL}x{self.grid_size[1] * CELL} (position tables are per grid)")
+
+    def _pixel_cells(self, x: Tensor, keep: Tensor) -> Tensor:
+        """x: [B, 3, H, W]; keep: [B, n] cell ids in raster order -> [B*n, 3, 16, 16], the kept cells' pixels."""
+        B, C = x.shape[:2]
+        gh, gw = self.grid_size
+        cells = x.view(B, C, gh, CELL, gw, CELL).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * CELL * CELL)
+        cells = torch.gather(cells, 1, keep[..., None].expand(-1, -1, cells.shape[-1]))
+        return cells.reshape(-1, C, CELL, CELL)
+
+    def _token_cells(self, tokens: Tensor) -> Tensor:
+        """Regroup stride-4 tokens by main-stage cell. tokens: [B, H/4, W/4, C] -> [B*N, 4, 4, C]."""
+        B, C = tokens.shape[0], tokens.shape[-1]
+        (gh, gw), k = self.grid_size, CELL // PATCH
+        return tokens.view(B, gh, k, gw, k, C).transpose(2, 3).reshape(B * gh * gw, k, k, C)
+
+    def _cells_to_map(self, t: Tensor, batch: int) -> Tensor:
+        """Inverse of the cell grouping, to NCHW. t: [B*N, k, k, C] -> [B, C, gh*k, gw*k]."""
+        (gh, gw), k, C = self.grid_size, t.shape[1], t.shape[-1]
+        return t.view(batch, gh, gw, k, k, C).permute(0, 5, 1, 3, 2, 4).reshape(batch, C, gh * k, gw * k)
+
+    def _hierarchical_embed(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stages 1 and 2 inside each cell. t: [B*n, 4, 4, C0] -> stage-1 [B*n, 4, 4, C0], stage-2 [B*n, 2, 2, C1],
+        main-stage input [B*n, C2]. Merging 2x2 inside a 4x4 cell never crosses a cell border."""
+        s1 = self.stage1(t)
+        s2 = self.stage2(self.merge1(s1))
+        return s1, s2, self.merge2(s2).flatten(1)
+
+    def _main_stage(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        """x: [B, n, C] main-stage tokens at the cells `keep` ([B, n]; None = all, raster order) -> [B, n, C]."""
+        if keep is None:
+            x, rel_index = x + self.pos_embed, self.rel_index[None]
+        else:
+            x = x + self.pos_embed[keep]
+            rel_index = self.rel_index[keep[:, :, None], keep[:, None, :]]  # [B, n, n]: offsets among kept cells
+        for blk in self.blocks:
+            x = blk(x, rel_index)
+        return self.norm(x)
+
+    def encode(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x: [B, 3, H, W]; mask: [B, H/u, W/u] (True = hidden).
+
+        drop -> [B, N_visible, C] (visible stride-16 tokens, raster order); fill -> [B, C, H/16, W/16].
+        """
+        self._check_size(x)
+        B = x.shape[0]
+        if self.mask_mode == "fill":
+            tokens = fill_tokens(self.patch_embed(x), mask, self.mask_token, channels_last=True)
+            _, _, t = self._hierarchical_embed(self._token_cells(tokens))
+            out = self._main_stage(t.view(B, -1, self.embed_dim), None)
+            return out.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
+        hidden = mask_to_tokens(mask, self.mask_unit // CELL).flatten(1)  # [B, N] on the stride-16 grid
+        # Every image hides the same count (the masking service guarantees it), so the gather stays rectangular.
+        n_visible = hidden.shape[1] - int(hidden[0].sum())  # host sync: one per step
+        keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, :n_visible]  # visible, raster order
+        _, _, t = self._hierarchical_embed(self.patch_embed(self._pixel_cells(x, keep)))
+        return self._main_stage(t.view(B, n_visible, self.embed_dim), keep)
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] -> [[B, C0, H/4, W/4], [B, C1, H/8, W/8], [B, C2, H/16, W/16]], unmasked."""
+        self._check_size(x)
+        B = x.shape[0]
+        s1, s2, t = self._hierarchical_embed(self._token_cells(self.patch_embed(x)))
+        out = self._main_stage(t.view(B, -1, self.embed_dim), None)
+        s3 = out.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
+        return [self._cells_to_map(s1, B), self._cells_to_map(s2, B), s3]
+
+    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
+        """Average pool of the (normed) stride-16 map -> logits, as the paper's classifier."""
+        x = self.head_drop(feats[-1].mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _hivit(defaults: dict, kwargs: dict) -> HiViT:
+    return HiViT(**{**defaults, **strip_timm_kwargs(kwargs)})
+
+
+@register_model
+def hivit_tiny(pretrained: bool = False, **kwargs) -> HiViT:
+    """Table 7 HiViT-T: 19.2M params, 4.6 GFLOPs."""
+    return _hivit(dict(dims=(96, 192, 384), depths=(1, 1, 10), num_heads=6), kwargs)
+
+
+@register_model
+def hivit_small(pretrained: bool = False, **kwargs) -> HiViT:
+    """Table 7 HiViT-S: 37.5M params, 9.1 GFLOPs."""
+    return _hivit(dict(dims=(96, 192, 384), depths=(2, 2, 20), num_heads=6), kwargs)
+
+
+@register_model
+def hivit_base(pretrained: bool = False, **kwargs) -> HiViT:
+    """Table 7 HiViT-B: 66.4M params, 15.9 GFLOPs."""
+    return _hivit(dict(dims=(128, 256, 512), depths=(2, 2, 20), num_heads=8), kwargs)
+
+
+@register_model
+def hivit_large(pretrained: bool = False, **kwargs) -> HiViT:
+    """Table 7 HiViT-L: 266.8M params, 63.8 GFLOPs."""
+    return _hivit(dict(dims=(192, 384, 768), depths=(4, 4, 36), num_heads=12), kwargs)

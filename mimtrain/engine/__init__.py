@@ -1,0 +1,1 @@
+"""Training engine: the Accelerate loop, optimizer and schedule, checkpoints, logs."""
