@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        from .config import ConfigError  # noqa: F401  (ConfigError is a ValueError)
+    except (ValueError, FileNotFoundError) as e:  # bad input (ConfigError is a ValueError): one clear line
         print(f"mimtrain {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if type(e).__name__ not in ("NonFiniteLoss", "CheckpointError"):
+            raise
+        print(f"mimtrain {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(3)

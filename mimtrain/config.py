@@ -83,6 +83,7 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
     keep_last: int = 3  # checkpoints kept (older ones are deleted once a newer one is complete)
     progress: bool = True
+    trace_keys: bool = False  # write the sample keys each process trains on to output_dir/keys_rank<r>.txt (audits)
 
 
 @dataclass
@@ -129,6 +130,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-6' (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mimtrain.encoders  # noqa: F401  (registers the models)
 from mimtrain.encoders.base import num_params
-from mimtrain.encoders.dgt import DGT, DGAttention, GlobalAttention, dynamic_group_attention
+from mimtrain.encoders.dgt import DGT, DGAttention, GlobalAttention, dg_plan, dynamic_group_attention
 
 _TINY = dict(stem_dim=8, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_groups=4, topk=8,
              head_hidden=32, num_classes=5)
@@ -45,6 +45,7 @@ def _inputs(B, h, N, d, G, seed=0, skew=False):
     return q, k, v, cent
 
 
+@pytest.mark.parametrize("layout", ["blocks", "dense"])
 @pytest.mark.parametrize("B,h,N,d,G,topk,block,skew", [
     (2, 3, 37, 8, 5, 7, None, False),   # default block = ceil(N / G)
     (2, 3, 37, 8, 5, 7, 1, False),      # one query per block
@@ -52,11 +53,11 @@ def _inputs(B, h, N, d, G, seed=0, skew=False):
     (2, 2, 6, 4, 10, 3, None, False),   # more groups than tokens
     (2, 2, 40, 4, 4, 9, 3, True),       # skewed: one group holds almost everything
 ])
-def test_batched_dg_attention_matches_per_group_reference(B, h, N, d, G, topk, block, skew):
+def test_batched_dg_attention_matches_per_group_reference(B, h, N, d, G, topk, block, skew, layout):
     q, k, v, cent = _inputs(B, h, N, d, G, skew=skew)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     scale = d ** -0.5
-    out, assign = dynamic_group_attention(q, k, v, cent, topk, scale, block=block)
+    out, assign = dynamic_group_attention(q, k, v, cent, topk, scale, block=block, layout=layout)
     ref = _naive_dg_attention(q, k, v, cent, topk, scale)
     torch.testing.assert_close(out, ref)
     assert assign.shape == (B, h, N) and int(assign.max()) < G
@@ -67,11 +68,19 @@ def test_batched_dg_attention_matches_per_group_reference(B, h, N, d, G, topk, b
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("layout", ["blocks", "dense"])
 @pytest.mark.parametrize("topk", [20, 25, 1000])
-def test_dg_attention_with_all_keys_is_global_attention(topk):
+def test_dg_attention_with_all_keys_is_global_attention(topk, layout):
     q, k, v, cent = _inputs(2, 3, 20, 8, 6, seed=1)
-    out, _ = dynamic_group_attention(q, k, v, cent, topk, scale=8 ** -0.5)  # grouped path, every key selected
+    out, _ = dynamic_group_attention(q, k, v, cent, topk, 8 ** -0.5, layout=layout)  # grouped, every key selected
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_auto_layout_per_stage_at_224():
+    """Blocks where N is large (stages 1-2), dense where G * k dwarfs N (stage 3: 196 tokens, 48 x 98 selections)."""
+    assert [dg_plan(n, 48, 98)[0] for n in (3136, 784, 196)] == ["blocks", "blocks", "dense"]
+    layout, block, nb = dg_plan(3136, 48, 98)
+    assert (block, nb) == (66, 96) and nb * block <= 2 * 3136 + block + 48
 
 
 @pytest.mark.parametrize("cosine", [False, True])

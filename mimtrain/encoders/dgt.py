@@ -6,8 +6,9 @@ conv stem (3x3 s2 + two 3x3, stride 2) -> four stages, each a 3x3 s2 conv patch 
 stages 1-3 use DG-attention (G groups, top-k keys per group), stage 4 global self-attention. DGT-S/B use
 res-post-norm and cosine attention (Swin V2), as the paper says for training stability.
 
-DG-attention is batched with no loop over images, heads or groups (see `dynamic_group_attention`): queries are
-sorted by group into fixed-size padded blocks, each block attends to its group's k gathered keys/values.
+DG-attention is batched with no loop over images, heads or groups (see `dynamic_group_attention`, `dg_plan`):
+queries are sorted by group into fixed-size padded blocks that attend to their group's k gathered keys/values, or,
+for few tokens, dense logits are masked to each query's group keys.
 """
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ from torch import Tensor, nn
 
 from .base import blank_hidden_pixels, fill_tokens, strip_timm_kwargs
 
-__all__ = ["DGT", "DGAttention", "GlobalAttention", "dynamic_group_attention", "group_layout", "nearest_centroid"]
+__all__ = ["DGT", "DGAttention", "GlobalAttention", "dg_plan", "dynamic_group_attention", "group_layout",
+           "nearest_centroid"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # DG-attention, batched
 # ----------------------------------------------------------------------------------------------------------------------
+def _num_blocks(N: int, num_groups: int, block: int) -> int:
+    """Upper bound on one-group blocks: every non-empty group (at most min(G, N)) wastes under one block."""
+    return math.ceil(N / block) + min(num_groups, N)
+
+
 def group_layout(assign: Tensor, num_groups: int, block: int) -> tuple[Tensor, Tensor, int]:
     """Place every query in a padded block that holds queries of one group only.
 
@@ -45,7 +52,7 @@ def group_layout(assign: Tensor, num_groups: int, block: int) -> tuple[Tensor, T
         nb: number of blocks.
     """
     Z, N = assign.shape
-    nb = math.ceil(N / block) + min(num_groups, N)
+    nb = _num_blocks(N, num_groups, block)
     counts = torch.zeros(Z, num_groups, dtype=torch.long, device=assign.device)
     counts.scatter_add_(1, assign, torch.ones_like(assign))
     chunks = (counts + block - 1) // block
@@ -67,25 +74,45 @@ def nearest_centroid(q: Tensor, centroids: Tensor) -> Tensor:
     return torch.einsum("bhnd,hgd->bhng", q, centroids.to(q.dtype)).argmax(-1)
 
 
+def dg_plan(N: int, num_groups: int, topk: int, block: int | None = None,
+            layout: str = "auto") -> tuple[str, int, int]:
+    """Choose how to lay out DG-attention for N tokens; depends on shapes only (no host sync, compile-friendly).
+
+    "blocks": queries sorted by group into nb padded blocks of `block` slots (default ceil(N / min(G, N))), each
+    attending to its group's k gathered keys. Per image and head it holds nb * block <= 2N + block + G query slots,
+    logits nb * block * k (~2 N k; window attention with k keys: N k) and gathered keys/values 2 nb k d (nb <= 2G + 1).
+    "dense": full [N, N] logits with each query's row masked to its group's k keys. Both are exact; "auto" takes
+    dense when its logits are no larger than the blocked ones (N^2 <= nb * block * k, e.g. 224 px stage 3, where
+    G * k > N and the gathered keys would dwarf everything else), else blocks.
+
+    Returns:
+        (layout, block, nb).
+    """
+    if layout not in ("auto", "blocks", "dense"):
+        raise ValueError(f"layout must be 'auto', 'blocks' or 'dense', got {layout!r}")
+    topk = min(topk, N)
+    block = block or math.ceil(N / min(num_groups, N))
+    nb = _num_blocks(N, num_groups, block)
+    if layout == "auto":
+        layout = "dense" if N * N <= nb * block * topk else "blocks"
+    return layout, block, nb
+
+
 def dynamic_group_attention(q: Tensor, k: Tensor, v: Tensor, centroids: Tensor, topk: int, scale: float | None = None,
-                            block: int | None = None) -> tuple[Tensor, Tensor]:
-    """DG-attention (paper Eqs. 1-2) for all images and heads at once.
+                            block: int | None = None, layout: str = "auto") -> tuple[Tensor, Tensor]:
+    """DG-attention (paper Eqs. 1-2) for all images and heads at once, with no loop.
 
     Each query joins the group of its nearest unit centroid (max cosine); each group keeps the `topk` keys/values with
-    the largest centroid-key dot product; each query attends only to its group's keys. Queries are laid out in
-    padded one-group blocks (`group_layout`); a block gathers its group's k keys, so the work is one batched
-    attention of [nb, block] queries against [nb, k] keys per image and head.
-
-    Memory per image and head, with the default block = ceil(N / G): query slots nb * block <= 2N + block, logits
-    nb * block * k <= ~2 N k (window attention with k keys per query: N k), gathered keys/values nb * k * d with
-    nb <= ~2G. So it stays within ~2x of window attention for the logits, plus 2 G k d for the gathered keys.
+    the largest centroid-key dot product; each query attends only to its group's keys; outputs land at the queries'
+    own positions. See `dg_plan` for the two exact layouts and their memory.
 
     Args:
         q, k, v: [B, h, N, d].
         centroids: [h, G, d], unit norm.
         topk: keys per group; clamped to N (then every group sees every key: global attention).
         scale: logit scale (d^-0.5 if None).
-        block: query slots per padded block (default ceil(N / min(G, N))).
+        block: query slots per padded block ("blocks" layout).
+        layout: "auto", "blocks" or "dense".
 
     Returns:
         out: [B, h, N, d]; assign: [B, h, N] group of each query (for the centroid update).
@@ -93,14 +120,19 @@ def dynamic_group_attention(q: Tensor, k: Tensor, v: Tensor, centroids: Tensor, 
     B, h, N, d = q.shape
     G = centroids.shape[1]
     topk = min(topk, N)
-    block = block or math.ceil(N / min(G, N))
+    layout, block, nb = dg_plan(N, G, topk, block, layout)
     with torch.no_grad():
-        cent = centroids.to(q.dtype)
         assign = nearest_centroid(q, centroids)  # [B, h, N]
-        key_idx = torch.einsum("hgd,bhnd->bhgn", cent, k).topk(topk, dim=-1).indices  # [B, h, G, k]
-        slot, block_group, nb = group_layout(assign.flatten(0, 1), G, block)
-        block_keys = key_idx.flatten(0, 1).gather(1, block_group[..., None].expand(-1, -1, topk))  # [Bh, nb, k]
+        key_idx = torch.einsum("hgd,bhnd->bhgn", centroids.to(k.dtype), k).topk(topk, dim=-1).indices  # [B, h, G, k]
+    if layout == "dense":
+        with torch.no_grad():
+            selected = torch.zeros(B, h, G, N, dtype=torch.bool, device=q.device).scatter_(-1, key_idx, True)
+            allowed = selected.gather(2, assign[..., None].expand(-1, -1, -1, N))  # [B, h, N, N], k True per row
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale), assign
     Z = B * h
+    with torch.no_grad():
+        slot, block_group, _ = group_layout(assign.flatten(0, 1), G, block)
+        block_keys = key_idx.flatten(0, 1).gather(1, block_group[..., None].expand(-1, -1, topk))  # [Bh, nb, k]
     kv_idx = block_keys.flatten(1)[..., None].expand(-1, -1, d)  # [Bh, nb*k, d]
     kb = k.flatten(0, 1).gather(1, kv_idx).view(Z, nb, topk, d)
     vb = v.flatten(0, 1).gather(1, kv_idx).view(Z, nb, topk, d)

@@ -160,7 +160,7 @@ class HiViT(nn.Module):
         """x: [B, 3, H, W]; keep: [B, n] cell ids in raster order -> [B*n, 3, 16, 16], the kept cells' pixels."""
         B, C = x.shape[:2]
         gh, gw = self.grid_size
-        cells = x.view(B, C, gh, CELL, gw, CELL).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * CELL * CELL)
+        cells = x.reshape(B, C, gh, CELL, gw, CELL).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * CELL * CELL)
         cells = torch.gather(cells, 1, keep[..., None].expand(-1, -1, cells.shape[-1]))
         return cells.reshape(-1, C, CELL, CELL)
 
@@ -168,16 +168,18 @@ class HiViT(nn.Module):
         """Regroup stride-4 tokens by main-stage cell. tokens: [B, H/4, W/4, C] -> [B*N, 4, 4, C]."""
         B, C = tokens.shape[0], tokens.shape[-1]
         (gh, gw), k = self.grid_size, CELL // PATCH
-        return tokens.view(B, gh, k, gw, k, C).transpose(2, 3).reshape(B * gh * gw, k, k, C)
+        return tokens.reshape(B, gh, k, gw, k, C).transpose(2, 3).reshape(B * gh * gw, k, k, C)
 
     def _cells_to_map(self, t: Tensor, batch: int) -> Tensor:
         """Inverse of the cell grouping, to NCHW. t: [B*N, k, k, C] -> [B, C, gh*k, gw*k]."""
         (gh, gw), k, C = self.grid_size, t.shape[1], t.shape[-1]
-        return t.view(batch, gh, gw, k, k, C).permute(0, 5, 1, 3, 2, 4).reshape(batch, C, gh * k, gw * k)
+        return t.reshape(batch, gh, gw, k, k, C).permute(0, 5, 1, 3, 2, 4).reshape(batch, C, gh * k, gw * k)
 
     def _hierarchical_embed(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Stages 1 and 2 inside each cell. t: [B*n, 4, 4, C0] -> stage-1 [B*n, 4, 4, C0], stage-2 [B*n, 2, 2, C1],
-        main-stage input [B*n, C2]. Merging 2x2 inside a 4x4 cell never crosses a cell border."""
+        """Stages 1 and 2, each 16x16 cell on its own (2x2 merging inside a 4x4 cell never crosses its border).
+
+        t: [B*n, 4, 4, C0] -> (stage 1 [B*n, 4, 4, C0], stage 2 [B*n, 2, 2, C1], main-stage input [B*n, C2]).
+        """
         s1 = self.stage1(t)
         s2 = self.stage2(self.merge1(s1))
         return s1, s2, self.merge2(s2).flatten(1)

@@ -5,8 +5,10 @@ and talks to the method through `forward(images, mask) -> {"loss", ...}` (and `v
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import yaml
@@ -88,8 +90,13 @@ def _restore(ckpts: Checkpoints, ckpt, cfg: Config, accelerator, state: TrainSta
 
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job. Returns a summary dict (first/last logged loss, run paths)."""
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
+    # cpu=True on a machine without CUDA lets `accelerate launch --multi_gpu` run its processes over gloo.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
                               mixed_precision=_precision(cfg.train.precision))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"launched {launched} processes but the accelerator joined {accelerator.num_processes}: "
+                           "each would train alone (on CPU, launch with --multi_gpu, not --cpu)")
     set_seed(cfg.seed)
     # Everything that can be refused is checked before any data is read or any step runs.
     urls = expand_shards(cfg.data.train_shards)
@@ -135,6 +142,10 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
     loss_sum, n_micro, wait, t0 = torch.zeros((), device=dev), 0, 0.0, time.perf_counter()
     bad_step = torch.full((), -1, device=dev, dtype=torch.long)  # first non-finite step, tracked without a sync
     history: list[float] = []
+    trace = None
+    if t.trace_keys:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        trace = open(f"{cfg.output_dir}/keys_rank{accelerator.process_index}.txt", "a")
     while state.step < d.stop_step:
         data.set_epoch(state.epoch, state.position())
         tw = time.perf_counter()
@@ -155,6 +166,8 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
             bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, state.step + 1)
             loss_sum, n_micro = loss_sum + loss, n_micro + 1
             state.take(batch)
+            if trace:
+                trace.write("\n".join(batch["key"]) + "\n")
             if not accelerator.sync_gradients:
                 tw = time.perf_counter()
                 continue
@@ -186,6 +199,8 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
         else:
             state.next_epoch()
     bar.close()
+    if trace:
+        trace.close()
     return {"output_dir": cfg.output_dir, "step": state.step, "losses": history,
             "tensorboard": f"{cfg.output_dir}/tensorboard", "skipped": state.total_skipped}
 
