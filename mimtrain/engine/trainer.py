@@ -21,7 +21,7 @@ from ..data.stream import ShardStream, count_samples, expand_shards, make_loader
 from ..data.transforms import pretrain_transform
 from ..encoders import build_encoder
 from ..masking import MaskingService
-from ..methods import build_method
+from ..methods import build_method, mask_mode_for
 from .checkpoint import CheckpointError, Checkpoints, checkpoint_config, read_rank_state
 from .logging import RunLogger
 from .optim import build_optimizer, build_schedule
@@ -101,7 +101,8 @@ def pretrain(cfg: Config) -> dict:
     # Everything that can be refused is checked before any data is read or any step runs.
     urls = expand_shards(cfg.data.train_shards)
     encoder = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit or None,
-                            num_classes=0, drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
+                            mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
+                            drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
     masking = MaskingService.for_encoder(encoder, cfg.data.img_size, cfg.mask, cfg.seed)
     method = build_method(cfg.method, encoder, cfg.data.img_size)
     d = derive(cfg, accelerator.num_processes, cfg.data.samples_per_epoch or count_samples(urls))
