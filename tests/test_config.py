@@ -56,3 +56,23 @@ def test_every_shipped_recipe_loads():
     import pathlib
     for recipe in sorted(pathlib.Path(__file__).parents[1].glob("recipes/**/*.yaml")):
         load_config(recipe)
+
+
+def test_every_shipped_recipe_builds_its_encoder_method_and_masks():
+    """Full-size models on the meta device (no memory, no init): names, mask units and method pairing are valid."""
+    import pathlib
+
+    import torch
+
+    from mimtrain.encoders import build_encoder
+    from mimtrain.masking import MaskingService
+    from mimtrain.methods import build_method, mask_mode_for
+
+    for recipe in sorted(pathlib.Path(__file__).parents[1].glob("recipes/pretrain/*.yaml")):
+        cfg = load_config(recipe)
+        with torch.device("meta"):
+            enc = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit or None,
+                                mask_mode=mask_mode_for(cfg.method.name), num_classes=0, **cfg.encoder.kwargs)
+            build_method(cfg.method, enc, cfg.data.img_size)
+        svc = MaskingService.for_encoder(enc, cfg.data.img_size, cfg.mask, cfg.seed)
+        assert svc.mode == mask_mode_for(cfg.method.name), recipe

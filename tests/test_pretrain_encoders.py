@@ -57,3 +57,11 @@ def test_method_and_encoder_mode_mismatch_is_refused(shards, tmp_path):
     proc = run_cli("pretrain", "method.name=mae", "encoder.name=simmim_swin_tiny_patch4_window6",
                    f"data.train_shards={shards}", f"output_dir={tmp_path}", "data.img_size=64", check=False)
     assert proc.returncode == 2 and "simmim" in proc.stderr.lower(), proc.stderr
+
+
+def test_glnet_run_logs_slot_maps_beside_reconstructions(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(shards, tmp_path / "g", "glnet_stl", "train.max_steps=1", "train.image_every=1")
+    tags = EventAccumulator(str(tmp_path / "g" / "tensorboard"), size_guidance={"images": 0}).Reload().Tags()
+    assert {"reconstruction", "slot_maps"} <= set(tags["images"])

@@ -39,9 +39,9 @@ class RunLogger:
                 for k in ("original", "masked", "reconstruction")]
         rows = torch.stack(cols, dim=1).flatten(0, 1)  # [n*3, 3, H, W], row-major: image by image
         self.writer.add_image("reconstruction", make_grid(rows, nrow=3, padding=2, pad_value=1.0), step)
-        for name, maps in views.items():  # extra per-method maps (e.g. slot assignments), already in [0, 1]
+        for name, maps in views.items():  # extra maps of one image (e.g. GLNet slot assignments): [N, 1, h, w] in [0, 1]
             if name not in ("original", "masked", "reconstruction"):
-                self.writer.add_images(name, maps[:max_images].float().cpu(), step)
+                self.writer.add_image(name, make_grid(maps.float().cpu(), nrow=8, padding=1, pad_value=1.0), step)
         self.writer.flush()
 
     def close(self) -> None:

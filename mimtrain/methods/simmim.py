@@ -109,5 +109,12 @@ class SimMIM(nn.Module):
             mean, std = unit_stats(images.float(), self.unit)
             pred = pred * std + mean
         hidden = hidden_pixels(out["mask"], self.unit)
-        return {"original": images, "masked": images.masked_fill(hidden, 0.0),
-                "reconstruction": torch.where(hidden, pred.to(images.dtype), images)}
+        views = {"original": images, "masked": images.masked_fill(hidden, 0.0),
+                 "reconstruction": torch.where(hidden, pred.to(images.dtype), images)}
+        if hasattr(self.encoder, "slot_maps"):  # GLNet: where each semantic slot looks, for the first image
+            was_training = self.encoder.training
+            self.encoder.eval()  # no drop path, no RNG draws: logging must not change the training run
+            maps = self.encoder.slot_maps(images[:1], out["mask"][:1])[0].float()  # [S, h, w], sums to 1 per slot
+            self.encoder.train(was_training)
+            views["slot_maps"] = (maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))[:, None]
+        return views
