@@ -170,3 +170,13 @@ def test_params_within_3_percent_of_paper(name):
         model = timm.create_model(name, num_classes=1000)
     assert isinstance(model, DGT)
     assert abs(num_params(model) / 1e6 / PAPER_PARAMS_M[name] - 1) < 0.03
+
+
+def test_on_step_hook_sets_tau_from_the_learning_rate():
+    import timm
+
+    model = timm.create_model("dgt_tiny", stem_dim=8, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
+                              num_heads=(1, 2, 2, 4), num_groups=4, topk=8, head_hidden=32, img_size=64)
+    model.on_step(3, 2e-3)
+    taus = [m.centroid_tau for m in model.modules() if isinstance(m, DGAttention)]
+    assert taus and all(t == pytest.approx(2e-4) for t in taus)

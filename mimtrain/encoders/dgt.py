@@ -389,6 +389,10 @@ class DGT(nn.Module):
             if isinstance(m, DGAttention):
                 m.centroid_tau = tau
 
+    def on_step(self, step: int, lr: float) -> None:
+        """Engine hook before each optimizer step: Eq. 4's tau follows the learning rate (tau = 0.1 x lr)."""
+        self.set_centroid_tau(0.1 * lr)
+
     def _check_input(self, x: Tensor) -> None:
         H, W = x.shape[-2:]
         if H % 32 or W % 32:

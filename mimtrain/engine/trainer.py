@@ -143,6 +143,7 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
     loss_sum, n_micro, wait, t0 = torch.zeros((), device=dev), 0, 0.0, time.perf_counter()
     bad_step = torch.full((), -1, device=dev, dtype=torch.long)  # first non-finite step, tracked without a sync
     history: list[float] = []
+    on_step = getattr(accelerator.unwrap_model(method).encoder, "on_step", None)
     trace = None
     if t.trace_keys:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -156,6 +157,8 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
             mask = batch["mask"].to(dev, non_blocking=True)
             if state.consumed % t.grad_accum == 0:
                 schedule.step_update(state.step)  # lr for the optimizer step this micro-batch belongs to
+                if on_step is not None:  # optional encoder hook, e.g. DGT's centroid EMA rate follows the lr
+                    on_step(state.step, optimizer.param_groups[0]["lr"])
             with accelerator.accumulate(method):  # no all-reduce on non-final micro-batches
                 out = method(images, mask)
                 accelerator.backward(out["loss"])
