@@ -16,6 +16,7 @@ depth-wise convs see NCHW. Masking is SimMIM's: hidden 32-px cells become a lear
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, DropPath, LayerNorm, LayerNorm2d, Mlp, PatchEmbed, trunc_normal_
 from timm.models import register_model
 from timm.models.swin_transformer import PatchMerging
+from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from .base import blank_hidden_pixels, fill_tokens, strip_timm_kwargs
@@ -268,15 +270,8 @@ class GLNet(nn.Module):
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stages.{i}") for i in range(3)]
         self.feature_info.append(dict(num_chs=dims[-1], reduction=32, module="norm"))
-        self.apply(self._init_weights)
+        self.apply(partial(init_weights_vit_timm, needs_reset=False))  # trunc-normal Linear, zero bias
         trunc_normal_(self.mask_token, std=0.02)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
