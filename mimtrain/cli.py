@@ -31,6 +31,32 @@ def _demo_data(args) -> None:
     print(f"wrote {n} images (scikit-learn digits, {args.size}x{args.size} RGB) to {args.out_dir}")
 
 
+def _export(args) -> None:
+    from .eval.export import export
+
+    out = export(args.ckpt, args.out_dir)
+    print(f"exported encoder to {out} (encoder.safetensors + config.yaml)")
+
+
+def _eval(kind: str):
+    def run(args) -> None:
+        from .eval.config import load_eval_config
+
+        cfg = load_eval_config(kind, args.recipe, args.overrides)
+        if kind == "finetune":
+            from .eval.finetune import finetune
+            res = finetune(cfg, args.source)
+        elif kind == "linprobe":
+            from .eval.linprobe import linprobe
+            res = linprobe(cfg, args.source, random_init=args.random_init)
+        else:
+            from .eval.knn import knn
+            res = knn(cfg, args.source, random_init=args.random_init)
+        print(f"{kind}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_val']} val images); "
+              f"results: {cfg.output_dir}/results.json")
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimtrain", description="Masked-image-modeling pretraining (MAE, SimMIM).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--size", type=int, default=32)
     s.set_defaults(func=_demo_data)
+
+    s = sub.add_parser("export", help="encoder weights (safetensors) + the config that rebuilds it, from a checkpoint")
+    s.add_argument("ckpt", help="pretraining run dir (its latest checkpoint), checkpoint dir or export dir")
+    s.add_argument("out_dir")
+    s.set_defaults(func=_export)
+
+    for kind, text in (("finetune", "fine-tune a pretrained encoder for classification on labelled shards"),
+                       ("linprobe", "linear probe (frozen encoder, BatchNorm + linear head, LARS)"),
+                       ("knn", "weighted k-NN (k=20, T=0.07) on frozen, L2-normalised features")):
+        s = sub.add_parser(kind, help=text)
+        s.add_argument("--recipe", help=f"YAML recipe (recipes/{kind}/...; only the differences from the defaults)")
+        s.add_argument("--from", dest="source", required=True,
+                       help="pretraining run dir, checkpoint dir, export dir, or a weights file (timm/MAE ViT)")
+        if kind != "finetune":
+            s.add_argument("--random-init", action="store_true",
+                           help="evaluate the same architecture with random weights (a baseline)")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.val_shards=... train.epochs=10")
+        s.set_defaults(func=_eval(kind))
+
+    from .bench import add_parser as _bench; _bench(sub)  # noqa: E702
     return p
 
 

@@ -92,6 +92,10 @@ class ViTEncoder(nn.Module):
         B, _, C = out.shape
         return [out[:, self.vit.num_prefix_tokens:].transpose(1, 2).reshape(B, C, *self.grid_size)]
 
+    def forward_cls(self, x: Tensor) -> Tensor:
+        """x: [B, 3, H, W] -> [B, C]: the normed class token, unmasked (MAE's linear-probe feature)."""
+        return self._transform(self._prepend_prefix(self._embed(x)))[:, 0]
+
     def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
         """Average-pooled patch tokens (MAE fine-tuning's global pool) -> logits."""
         x = self.vit.head_drop(feats[-1].mean(dim=(2, 3)))

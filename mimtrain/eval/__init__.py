@@ -1,0 +1,1 @@
+"""Evaluation: encoder export and strict loading, ImageNet-style fine-tuning, linear probing and k-NN."""

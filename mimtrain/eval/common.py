@@ -1,0 +1,143 @@
+"""What fine-tuning, linear probing and k-NN share: the accelerator, labelled data streams, the encoder from a
+checkpoint, pooled features, top-k accuracy and the run directory's files."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
+from ..config import ConfigError, save_config
+from ..data.stream import ShardStream, expand_shards, make_loader
+from ..data.transforms import eval_transform
+from .config import EvalConfig
+from .export import EncoderSpec, load_encoder
+
+
+def accelerator_for(cfg: EvalConfig) -> Accelerator:
+    from ..engine.trainer import _precision  # the pretraining engine's reading of train.precision
+
+    acc = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
+                      mixed_precision=_precision(cfg.train.precision))
+    set_seed(cfg.seed)
+    return acc
+
+
+def num_classes(cfg: EvalConfig, urls: list[str]) -> int:
+    """data.num_classes, or the length of make-shards' classes.json beside the first train shard."""
+    if cfg.data.num_classes > 0:
+        return cfg.data.num_classes
+    index = Path(urls[0]).parent / "classes.json"
+    if index.is_file():
+        return len(json.loads(index.read_text()))
+    raise ConfigError(f"cannot tell the number of classes: no {index}; set data.num_classes")
+
+
+def shard_urls(cfg: EvalConfig, need_val: bool = True) -> tuple[list[str], list[str]]:
+    if need_val and not cfg.data.val_shards:
+        raise ConfigError("set data.val_shards (labelled validation shards) for an evaluation run")
+    train = expand_shards(cfg.data.train_shards)
+    return train, expand_shards(cfg.data.val_shards) if cfg.data.val_shards else []
+
+
+class PythonSeeded:
+    """Run a transform that draws from Python's `random` (timm's RandAugment, RandomErasing) under a seed drawn from
+    torch's RNG, which the data pipeline seeds per sample, so augmentations are reproducible like torchvision's."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img):
+        state = random.getstate()
+        random.seed(int(torch.randint(0, 2 ** 31 - 1, ())))
+        try:
+            return self.transform(img)
+        finally:
+            random.setstate(state)
+
+
+def eval_stream(cfg: EvalConfig, urls: list[str], acc: Accelerator, batch_size: int | None = None) -> ShardStream:
+    """One full, unshuffled pass over `urls` (this process's share) with the evaluation transform."""
+    t = eval_transform(cfg.data.img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct)
+    return ShardStream(urls, t, batch_size or cfg.train.eval_batch_size, seed=cfg.seed, rank=acc.process_index,
+                       world_size=acc.num_processes, num_streams=max(1, cfg.data.num_workers), num_batches=None,
+                       shuffle_buffer=1, shuffle_shards=False)
+
+
+def batches(stream: ShardStream, cfg: EvalConfig, acc: Accelerator) -> Iterator[dict]:
+    return iter(make_loader(stream, cfg.data.num_workers, pin_memory=acc.device.type == "cuda"))
+
+
+def build_from_checkpoint(cfg: EvalConfig, source: str, random_init: bool = False,
+                          **build_kwargs) -> tuple[nn.Module, EncoderSpec]:
+    """The checkpoint's encoder at data.img_size, weights loaded strictly (or left random for a baseline)."""
+    model, spec = load_encoder(source, cfg.encoder.name, cfg.encoder.kwargs, cfg.data.img_size,
+                               random_init=random_init, **cfg.encoder.geometry, **build_kwargs)
+    if getattr(model, "mask_token", None) is not None:
+        model.mask_token.requires_grad_(False)  # pretraining-only; unused by forward_features
+    return model, spec
+
+
+def resolve_pool(cfg_pool: str, model: nn.Module, default_cls: bool) -> str:
+    if cfg_pool == "auto":
+        return "cls" if default_cls and hasattr(model, "forward_cls") else "avg"
+    if cfg_pool not in ("avg", "cls"):
+        raise ConfigError(f"encoder.pool must be auto|avg|cls, got '{cfg_pool}'")
+    if cfg_pool == "cls" and not hasattr(model, "forward_cls"):
+        raise ConfigError(f"encoder.pool=cls needs a class token; {type(model).__name__} has none (use avg)")
+    return cfg_pool
+
+
+def pooled(model: nn.Module, x: Tensor, pool: str) -> Tensor:
+    """x: [B, 3, H, W] -> [B, C]: the class token (ViT) or the global average of the last feature map."""
+    if pool == "cls":
+        return model.forward_cls(x)
+    return model.forward_features(x)[-1].mean(dim=(2, 3))
+
+
+def logits(model: nn.Module, x: Tensor, pool: str) -> Tensor:
+    """x: [B, 3, H, W] -> [B, classes] through the encoder's own head; "cls" feeds the class token as a 1x1 map,
+    which the head's global average leaves unchanged."""
+    if pool == "cls":
+        return model.forward_head([model.forward_cls(x)[:, :, None, None]])
+    return model(x)
+
+
+def topk_correct(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """scores: [B, K], labels: [B] -> correct counts per k (k clipped to the number of classes)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return [hit[:, :k].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(score_fn: Callable[[Tensor], Tensor], stream: ShardStream, cfg: EvalConfig, acc: Accelerator) -> dict:
+    """Top-1/top-5 (%) of `score_fn(images) -> [B, classes]` over a full pass, summed over processes."""
+    counts = torch.zeros(3, device=acc.device)
+    for batch in batches(stream, cfg, acc):
+        x, y = batch["images"].to(acc.device), batch["label"].to(acc.device)
+        with acc.autocast():
+            scores = score_fn(x)
+        c1, c5 = topk_correct(scores.float(), y)
+        counts += torch.stack([c1.float(), c5.float(), torch.tensor(float(len(y)), device=acc.device)])
+    counts = acc.reduce(counts, "sum")
+    n = max(counts[2].item(), 1.0)
+    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "num_val": int(counts[2])}
+
+
+def start_run(cfg: EvalConfig, acc: Accelerator, extra: dict | None = None) -> Path:
+    out = Path(cfg.output_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml", derived=extra)
+    return out
+
+
+def write_results(out: Path, results: dict, acc: Accelerator) -> None:
+    if acc.is_main_process:
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,275 @@
+"""`mimtrain export` and strict, explained loading of encoder weights.
+
+A source is any of: a pretraining run directory (its latest complete checkpoint), a checkpoint directory
+(`model.safetensors` holding the method's state dict: encoder keys under `encoder.`, decoder keys beside them, plus the
+resolved `config.yaml`), an export directory (`encoder.safetensors` + `config.yaml`), or a plain weights file
+(`.safetensors`, or `.pth/.pt/.bin` read with `torch.load(weights_only=True)`: a timm or official-MAE ViT state dict,
+possibly nested under `model`). Nothing is unpickled beyond tensors, so loading never executes code.
+
+Loading is strict: before any training step, every missing, unexpected or differently shaped tensor is listed, and a
+checkpoint of one architecture is refused for another with a message naming both. Only what a new task is expected to
+replace passes silently: the classification head, and index buffers the model rebuilds for its own geometry.
+Tables bound to the input size (absolute position embeddings, relative position bias tables) are resized when the
+evaluation resolution differs from pretraining.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
+from torch import Tensor, nn
+
+from ..encoders import build_encoder
+from ..engine.checkpoint import Checkpoints
+from ..methods import mask_mode_for
+
+ENCODER_FILE = "encoder.safetensors"
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"  # accelerate save_state's name for the (first) prepared model
+HEAD = re.compile(r"(^|\.)(head|head_fc)\.")  # classification heads: never carried over to a new task
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "rel_index")  # rebuilt by the model for its geometry
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded as asked (message lists what does not fit)."""
+
+
+@dataclass
+class EncoderSpec:
+    """What rebuilds an encoder: registered name, architecture kwargs, pretraining size, mask unit and mode."""
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    img_size: int | list[int] = 224
+    mask_unit: int = 0  # 0 = the encoder's default
+    mask_mode: str = ""  # "" = the encoder's default
+
+    def build(self, img_size: int | None = None, **extra) -> nn.Module:
+        """The encoder at `img_size` (default: the pretraining size); `extra` adds num_classes, drop_path_rate."""
+        kwargs = {**self.kwargs, **extra}
+        if self.mask_mode:
+            kwargs["mask_mode"] = self.mask_mode
+        size = img_size or self.img_size
+        return build_encoder(self.name, tuple(size) if isinstance(size, list) else size,
+                             mask_unit=self.mask_unit or None, **kwargs)
+
+    def describe(self) -> str:
+        return self.name + (f" {self.kwargs}" if self.kwargs else "")
+
+
+@dataclass
+class Source:
+    state: dict[str, Tensor]  # encoder keys (no `encoder.` prefix)
+    spec: EncoderSpec | None  # None for plain state dicts, which carry no architecture
+    where: str  # for messages
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+def resolve(path: str | Path) -> Path:
+    """Run dir -> its latest complete checkpoint; checkpoint, export dir or weights file -> itself."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.is_file() or (p / ENCODER_FILE).is_file() or (p / MODEL_FILE).is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        latest = Checkpoints(p).latest()
+        if latest is None:
+            raise LoadError(f"{p} is a run directory without a complete checkpoint (checkpoints/latest is missing)")
+        return latest
+    if any(p.glob("pytorch_model*")) or any(p.glob("*zero*")):
+        raise LoadError(f"{p} holds a DeepSpeed ZeRO-sharded state: consolidate it first (accelerate's "
+                        "`zero_to_fp32.py`, or save with `stage3_gather_16bit_weights_on_model_save: true`)")
+    found = sorted(x.name for x in p.iterdir())[:8]
+    raise LoadError(f"{p} is neither a run directory, a checkpoint ({MODEL_FILE}) nor an export ({ENCODER_FILE}); "
+                    f"it holds {found}")
+
+
+def _read_plain(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
+        for key in ("model", "state_dict", "module"):  # official MAE nests under "model"
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict):
+            raise LoadError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+        sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not sd:
+        raise LoadError(f"{path} holds no tensors")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped saves
+    if any(k.startswith("encoder.") for k in sd):  # a method's state dict (encoder + decoder) saved as a file
+        sd = _encoder_part(sd)
+    return sd
+
+
+def _encoder_part(method_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A method's state dict -> its encoder's (the decoder and the method's own tokens are dropped)."""
+    return {k[len("encoder."):]: v for k, v in method_state.items() if k.startswith("encoder.")}
+
+
+def _spec_from_pretraining(cfg: dict) -> EncoderSpec:
+    enc = cfg["encoder"]
+    spec = EncoderSpec(name=enc["name"], kwargs=dict(enc.get("kwargs") or {}), img_size=cfg["data"]["img_size"],
+                       mask_unit=int(enc.get("mask_unit") or 0), mask_mode=mask_mode_for(cfg["method"]["name"]))
+    if not spec.mask_unit:  # record the encoder's default explicitly, so the export does not depend on it
+        with torch.device("meta"):
+            spec.mask_unit = spec.build(num_classes=0).mask_unit
+    return spec
+
+
+def read_source(path: str | Path) -> Source:
+    """Read encoder weights (and, where the source has one, the spec that rebuilds the encoder)."""
+    p = resolve(path)
+    if p.is_file():
+        return Source(_read_plain(p), None, str(p))
+    if (p / ENCODER_FILE).is_file():
+        cfg = yaml.safe_load((p / CONFIG_FILE).read_text())
+        return Source(load_file(str(p / ENCODER_FILE)), EncoderSpec(**cfg["encoder"]), str(p))
+    if not (p / CONFIG_FILE).is_file():
+        raise LoadError(f"checkpoint {p} has no {CONFIG_FILE}: cannot tell which encoder it holds")
+    cfg = yaml.safe_load((p / CONFIG_FILE).read_text())
+    return Source(_encoder_part(load_file(str(p / MODEL_FILE))), _spec_from_pretraining(cfg), str(p))
+
+
+# ---------------------------------------------------------------------------------------------------------- fitting
+
+def _timm_vit_keys(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A plain timm / official-MAE ViT state dict (`blocks.0.attn.qkv.weight`, `pos_embed`, ...) -> our `vit.` keys.
+
+    MAE's pretraining checkpoints also hold the decoder (`decoder_*`) and the decoder's mask token ([1, 1, C_dec]);
+    neither belongs to the encoder.
+    """
+    if not hasattr(model, "vit") or any(k.startswith("vit.") for k in sd):
+        return sd
+    return {f"vit.{k}": v for k, v in sd.items()
+            if not k.startswith("decoder") and not (k == "mask_token" and v.ndim == 3)}
+
+
+def _grid(model: nn.Module) -> tuple[int, int]:
+    return tuple(getattr(model, "grid_size", None) or model.vit.patch_embed.grid_size)
+
+
+def fit_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Resize the input-size-bound tables of `sd` to `model` (the encoder's own `adapt_state_dict` first, then
+    absolute position embeddings [1, P+N, C] / [N, C] and relative position bias tables [(2h-1)(2w-1), heads])."""
+    sd = _timm_vit_keys(sd, model)
+    if hasattr(model, "adapt_state_dict"):
+        sd = model.adapt_state_dict(sd)
+    own = model.state_dict()
+    out = {}
+    for key, value in sd.items():
+        target = own.get(key)
+        if target is not None and value.shape != target.shape and value.ndim == target.ndim:
+            if key.endswith("pos_embed") and value.ndim in (2, 3):
+                grid = _grid(model)
+                v = value if value.ndim == 3 else value[None]
+                prefix = v.shape[-2] - int(round(v.shape[-2] ** 0.5)) ** 2  # class tokens in front of a square grid
+                v = resample_abs_pos_embed(v.float(), list(grid), num_prefix_tokens=prefix).to(value.dtype)
+                value = v if value.ndim == 3 else v[0]
+            elif key.endswith("relative_position_bias_table") and value.ndim == 2:
+                owner = model.get_submodule(key.rsplit(".", 1)[0])
+                window = tuple(getattr(owner, "window_size", None) or _grid(model))
+                value = resize_rel_pos_bias_table_simple(value.float(), window, tuple(target.shape)).to(value.dtype)
+        out[key] = value
+    return out
+
+
+def load_into(model: nn.Module, sd: dict[str, Tensor], where: str, target: str, new_head: bool = True) -> dict:
+    """Strictly load encoder weights `sd` into `model`, or raise LoadError listing everything that does not fit.
+
+    Args:
+        new_head: the model is for a new task: the checkpoint's classification head is dropped and the model's
+            (freshly initialised) head may be missing from it.
+
+    Returns:
+        {"loaded": n, "dropped": [checkpoint keys left out on purpose]}.
+    """
+    sd = fit_state_dict(model, sd)
+    own = model.state_dict()
+    dropped = [k for k in sd if new_head and HEAD.search(k)]
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    missing = [k for k in own if k not in sd and not k.endswith(DERIVED_BUFFERS)
+               and not (new_head and HEAD.search(k))]
+    unexpected = [k for k in sd if k not in own and not k.endswith(DERIVED_BUFFERS)]
+    shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} tensor(s) differ in shape, e.g. " + "; ".join(shapes[:4]))
+        if missing:
+            parts.append(f"{len(missing)} missing from the checkpoint: {_short(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} in the checkpoint but not in the model: {_short(unexpected)}")
+        raise LoadError(f"cannot load {where} into {target}: " + "; ".join(parts) +
+                        " (was the checkpoint trained with another architecture or encoder.kwargs?)")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return {"loaded": len(sd), "dropped": dropped}
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------------- the API
+
+def choose_spec(source: Source, name: str = "", kwargs: dict | None = None, img_size: int = 224) -> EncoderSpec:
+    """The architecture to build: the checkpoint's own; a different requested one is refused (naming both)."""
+    kwargs = dict(kwargs or {})
+    if source.spec is None:
+        if not name:
+            raise LoadError(f"{source.where} is a plain state dict with no config: set encoder.name (and "
+                            "encoder.kwargs) to the architecture it was trained with")
+        return EncoderSpec(name=name, kwargs=kwargs, img_size=img_size)
+    spec = source.spec
+    if (name and name != spec.name) or (kwargs and kwargs != spec.kwargs):
+        asked = name or spec.name
+        raise LoadError(f"architecture mismatch: {source.where} holds a {spec.describe()} encoder, but the recipe "
+                        f"asks for {asked}{f' {kwargs}' if kwargs else ''}; a checkpoint loads only into the "
+                        f"architecture it was trained with (leave encoder.name empty to use {spec.name})")
+    return spec
+
+
+def load_encoder(path: str | Path, name: str = "", kwargs: dict | None = None, img_size: int | None = None,
+                 random_init: bool = False, new_head: bool = True, **build_kwargs) -> tuple[nn.Module, EncoderSpec]:
+    """Build the checkpoint's encoder at `img_size` (default: its pretraining size) and load its weights strictly.
+
+    Args:
+        path: run dir, checkpoint dir, export dir or weights file.
+        name, kwargs: the requested architecture ("" / None = the checkpoint's); required for plain state dicts.
+        random_init: build the same architecture but keep its random initialisation (a baseline for probes).
+        **build_kwargs: num_classes, drop_path_rate, ...
+    """
+    source = read_source(path)
+    spec = choose_spec(source, name, kwargs, img_size or 224)
+    model = spec.build(img_size, **build_kwargs)
+    if not random_init:
+        load_into(model, source.state, source.where, spec.describe(), new_head=new_head)
+    return model, spec
+
+
+def export(src: str | Path, out_dir: str | Path) -> Path:
+    """Write `out_dir/encoder.safetensors` + `config.yaml` (the spec) from any source that carries a config."""
+    p = resolve(src)
+    source = read_source(p)
+    if source.spec is None:
+        raise LoadError(f"{p} is a plain state dict: it carries no config to export (load it with "
+                        "--from and encoder.name instead)")
+    with torch.device("meta"):  # check that the weights rebuild the architecture without allocating it
+        model = source.spec.build(num_classes=0)
+    load_into(model, {k: v.to("meta") for k, v in source.state.items()}, source.where, source.spec.describe(),
+              new_head=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in source.state.items()}, str(out / ENCODER_FILE))
+    meta = {"encoder": asdict(source.spec), "source": str(p)}
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    return out

@@ -1,0 +1,172 @@
+"""`mimtrain linprobe`: a linear classifier on frozen features (MAE's linear-probing protocol).
+
+Features are the class token for ViT encoders and the global average of the last map for the others (hierarchical
+encoders have no class token). The head is BatchNorm1d without affine parameters (eps 1e-6; it only standardises the
+features, so the probe stays linear) followed by a Linear layer, trained with LARS (timm's, trust ratio on the weight
+matrix as MAE's LARS), lr = blr x batch / 256, warm-up + cosine, on crop + flip augmentation. With
+`linprobe.cache_features`, augmentation is off: features are computed once per image and the head trains on them.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from timm.layers import trunc_normal_
+from timm.optim import Lars
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import derive
+from ..data.stream import ShardStream, count_samples
+from ..data.transforms import pretrain_transform
+from ..engine.logging import RunLogger
+from ..engine.optim import build_schedule
+from .common import (accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate, num_classes, pooled,
+                     resolve_pool, shard_urls, start_run, topk_correct, write_results)
+from .config import EvalConfig
+
+
+class ProbeHead(nn.Sequential):
+    """[B, C] features -> [B, classes]: BatchNorm1d(affine=False, eps=1e-6) + Linear (weights ~ N(0, 0.01))."""
+
+    def __init__(self, dim: int, n_cls: int):
+        super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, n_cls))
+        trunc_normal_(self[1].weight, std=0.01)
+        nn.init.zeros_(self[1].bias)
+
+
+def lars(head: nn.Module, lr: float, weight_decay: float, momentum: float) -> Lars:
+    """LARS with the trust ratio on the weight matrix only (MAE excludes biases and norms from adaptation)."""
+    weights = [p for p in head.parameters() if p.ndim > 1]
+    others = [p for p in head.parameters() if p.ndim <= 1]
+    return Lars([{"params": weights, "always_adapt": True, "weight_decay": weight_decay},
+                 {"params": others, "always_adapt": False, "weight_decay": 0.0}], lr=lr, momentum=momentum)
+
+
+@torch.no_grad()
+def extract(encoder: nn.Module, stream: ShardStream, pool: str, cfg: EvalConfig, acc) -> tuple[Tensor, Tensor]:
+    """Pooled features and labels of one full pass, gathered from every process: ([N, C], [N])."""
+    feats, labels = [], []
+    for batch in batches(stream, cfg, acc):
+        with acc.autocast():
+            feats.append(pooled(encoder, batch["images"].to(acc.device), pool).float())
+        labels.append(batch["label"].to(acc.device))
+    f, y = torch.cat(feats), torch.cat(labels)
+    if acc.num_processes > 1:  # unequal shares per process: gather_for_metrics is not meant for this, objects are
+        from accelerate.utils import gather_object
+        parts = gather_object([(f.cpu(), y.cpu())])
+        f, y = torch.cat([p[0] for p in parts]).to(acc.device), torch.cat([p[1] for p in parts]).to(acc.device)
+    return f, y
+
+
+def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
+    """Linear-probe the encoder in `source`; `random_init` probes the same architecture untrained (a baseline)."""
+    acc = accelerator_for(cfg)
+    train_urls, val_urls = shard_urls(cfg)
+    n_cls = num_classes(cfg, train_urls)
+    encoder, spec = build_from_checkpoint(cfg, source, random_init=random_init, num_classes=0)
+    encoder.requires_grad_(False)
+    encoder.eval().to(acc.device)
+    pool = resolve_pool(cfg.encoder.pool, encoder, default_cls=True)
+    n_train = cfg.data.samples_per_epoch or count_samples(train_urls)
+    d = derive(cfg, acc.num_processes, n_train)
+    head = ProbeHead(encoder.embed_dim, n_cls).to(acc.device)
+    optimizer = lars(head, d.lr, cfg.optim.weight_decay, cfg.linprobe.momentum)
+    schedule = build_schedule(optimizer, d, cfg.optim)
+    out = start_run(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "random_init": random_init})
+    acc.print(f"linear probe of {'randomly initialised ' if random_init else ''}{spec.describe()} ({pool} "
+              f"features, dim {encoder.embed_dim}): lr = blr {cfg.optim.blr:g} x {d.effective_batch} / "
+              f"{cfg.optim.lr_base_batch} = {d.lr:.3g}; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
+    log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
+    val = eval_stream(cfg, val_urls, acc)
+    if cfg.linprobe.cache_features:
+        step, metrics = _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log)
+    else:
+        step, metrics = _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log)
+    results = {"task": "linprobe", "source": str(source), "encoder": spec.name, "random_init": random_init,
+               "pool": pool, "num_classes": n_cls, "step": step, **metrics}
+    log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5")})
+    write_results(out, results, acc)
+    log.close()
+    acc.end_training()
+    return results
+
+
+def _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log) -> tuple[int, dict]:
+    """Features once (evaluation transform), then the head on shuffled feature batches; every process trains the
+    same head on the gathered features (the head is tiny), so no gradient exchange is needed."""
+    t0 = time.perf_counter()
+    f_train, y_train = extract(encoder, eval_stream(cfg, train_urls, acc), pool, cfg, acc)
+    f_val, y_val = extract(encoder, val, pool, cfg, acc)
+    acc.print(f"features: {len(f_train)} train, {len(f_val)} val in {time.perf_counter() - t0:.1f}s")
+    g = torch.Generator().manual_seed(cfg.seed)
+    batch = d.effective_batch
+    step, epoch = 0, 0
+    bar = tqdm(total=d.stop_step, disable=not (acc.is_main_process and cfg.train.progress), desc="linprobe")
+    threads = torch.get_num_threads()
+    if acc.device.type == "cpu":  # the head's ops are tiny: thread sync costs more than it saves (10x on busy hosts)
+        torch.set_num_threads(1)
+    while step < d.stop_step:
+        head.train()
+        order = torch.randperm(len(f_train), generator=g).to(acc.device)
+        for i in range(d.steps_per_epoch):
+            idx = order[i * batch:(i + 1) * batch]
+            schedule.step_update(step)
+            loss = nn.functional.cross_entropy(head(f_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step >= d.stop_step:
+                log.scalars(step, {"epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            if step >= d.stop_step:
+                break
+        epoch += 1
+    bar.close()
+    torch.set_num_threads(threads)
+    head.eval()
+    with torch.no_grad():
+        c1, c5 = topk_correct(head(f_val), y_val)
+    n = max(len(y_val), 1)
+    return step, {"top1": 100.0 * c1.item() / n, "top5": 100.0 * c5.item() / n, "num_val": len(y_val)}
+
+
+def _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log) -> tuple[int, dict]:
+    """MAE's protocol: crop + flip, features recomputed every step under no_grad, head trained (DDP across
+    processes)."""
+    transform = pretrain_transform(cfg.data.img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean,
+                                   cfg.data.std)
+    streams = max(1, cfg.data.num_workers)
+    data = ShardStream(train_urls, transform, cfg.train.batch_size, seed=cfg.seed, rank=acc.process_index,
+                       world_size=acc.num_processes, num_streams=streams, num_batches=d.micro_batches_per_epoch,
+                       shuffle_buffer=cfg.data.shuffle_buffer)
+    head, optimizer = acc.prepare(head, optimizer)
+    bar = tqdm(total=d.stop_step, disable=not (acc.is_main_process and cfg.train.progress), desc="linprobe")
+    step, epoch = 0, 0
+    while step < d.stop_step:
+        data.set_epoch(epoch)
+        head.train()
+        for i, batch in enumerate(batches(data, cfg, acc)):
+            if i % cfg.train.grad_accum == 0:
+                schedule.step_update(step)
+            with torch.no_grad(), acc.autocast():
+                f = pooled(encoder, batch["images"].to(acc.device), pool).float()
+            with acc.accumulate(head):
+                loss = nn.functional.cross_entropy(head(f), batch["label"].to(acc.device))
+                acc.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step >= d.stop_step:
+                log.scalars(step, {"epoch": epoch, "loss": acc.reduce(loss.detach(), "mean").item(),
+                                   "lr": optimizer.param_groups[0]["lr"]})
+            if step >= d.stop_step:
+                break
+        epoch += 1
+    bar.close()
+    head.eval()
+    return step, evaluate(lambda x: head(pooled(encoder, x, pool).float()), val, cfg, acc)
