@@ -11,7 +11,7 @@ from typing import Callable
 import timm
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 _aten = torch.ops.aten
 
@@ -24,16 +24,25 @@ def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *arg
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                   _output_padding, _groups, output_mask, out_shape=None) -> int:
+    """Each of grad_input and grad_weight costs what the forward conv costs. torch's own formula drops `groups` from
+    the grad_weight term, which counts a depth-wise conv's weight gradient C times over (GLNet, GPViT, DGT)."""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 # torch registers formulas for the CUDA attention kernels only; without these, fused attention on CPU counts as 0.
 CPU_ATTENTION_FORMULAS = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
 }
+FLOP_FORMULAS = {**CPU_ATTENTION_FORMULAS, _aten.convolution_backward: _conv_backward}
 
 
 def count_macs(fn: Callable[[], object]) -> int:
     """Multiply-adds of everything `fn()` runs (forward, and backward if it calls one)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FORMULAS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         fn()
     return counter.get_total_flops() // 2
 
