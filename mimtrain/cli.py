@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=_eval(kind))
 
     from .bench import add_parser as _bench; _bench(sub)  # noqa: E702
+    from .eval.dense_cli import add_parsers as _dense; _dense(sub)  # noqa: E702
     return p
 
 

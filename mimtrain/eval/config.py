@@ -12,11 +12,16 @@ from ..config import OptimConfig, load_config
 
 
 @dataclass
-class EvalEncoderConfig:
+class EncoderSourceConfig:
+    """Which architecture a checkpoint is loaded into, and at which geometry (every evaluation kind, dense ones too)."""
     name: str = ""  # "" = the encoder the checkpoint was trained with; a name that differs from it is refused
     kwargs: dict = field(default_factory=dict)  # architecture arguments, only for plain state dicts (no config inside)
     geometry: dict = field(default_factory=dict)  # size-bound kwargs over the checkpoint's, e.g. {window_size: 7};
     # the tables they size (relative position bias) are resized on load
+
+
+@dataclass
+class EvalEncoderConfig(EncoderSourceConfig):
     drop_path_rate: float = 0.0
     pool: str = "auto"  # "auto" | "avg" (global average of the last map) | "cls" (ViT class token)
 

@@ -1,0 +1,172 @@
+"""`mimtrain segment`: ADE20K semantic segmentation with an UperNet head on any pretrained encoder.
+
+The encoder is built for the crop size (`dense_backbone.DenseBackbone`, strides 4-32); UperNet decodes at stride 4 and
+an auxiliary FCN head on the stride-16 level adds 0.4 x its loss, as in the UperNet recipes of Swin, BEiT and MAE.
+Training: random-scale 512 crops, flip, colour jitter (`ade20k.Ade20kTrain`), cross-entropy ignoring 255, AdamW with
+layer-wise lr decay over the encoder, linear warm-up then poly decay for 160k iterations. Evaluation: sliding 512
+windows (stride 341) over the image resized to fit (2048, 512), logits averaged where windows overlap and resized to
+the label's size; mIoU, mAcc and pixel accuracy go to `metrics.jsonl` and `results.json`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from ..config import ConfigError
+from ..engine.logging import RunLogger
+from .ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
+from .common import start_run, write_results
+from .dense_backbone import DenseBackbone
+from .dense_common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
+                           poly_schedule, save_final)
+from .dense_config import SegmentConfig, UperNetConfig
+from .upernet import FCNHead, UperNetHead
+
+
+class Segmentor(nn.Module):
+    """Backbone + UperNet (+ auxiliary FCN head). forward: x [B, 3, H, W] -> logits [B, K, H, W]."""
+
+    def __init__(self, backbone: DenseBackbone, num_classes: int, cfg: UperNetConfig):
+        super().__init__()
+        self.backbone = backbone
+        chs = backbone.out_channels
+        self.decode = UperNetHead(chs, num_classes, cfg.channels, tuple(cfg.pool_scales), cfg.dropout)
+        self.aux = FCNHead(chs[2], num_classes, cfg.aux_channels, cfg.dropout) if cfg.aux_weight > 0 else None
+        self.aux_weight = cfg.aux_weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.decode(self.backbone(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SegmentationLoss(nn.Module):
+    """The training forward, one module so that DDP sees it: (x [B, 3, H, W], y [B, H, W]) -> named losses."""
+
+    def __init__(self, segmentor: Segmentor):
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        s = self.segmentor
+        feats = s.backbone(x)
+
+        def ce(logits: Tensor) -> Tensor:  # logits at stride 4 (or 16), scored at the label's full resolution
+            up = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            return F.cross_entropy(up.float(), y, ignore_index=IGNORE)
+
+        losses = {"loss_seg": ce(s.decode(feats))}
+        if s.aux is not None:
+            losses["loss_aux"] = s.aux_weight * ce(s.aux(feats[2]))
+        return losses
+
+
+def windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Sliding windows (y1, y2, x1, x2) covering an h x w image, the last ones flush with the border; a side shorter
+    than the crop gets one window over all of it."""
+    def starts(n: int) -> list[int]:
+        count = max(n - crop + stride - 1, 0) // stride + 1
+        return sorted({max(min(i * stride, n - crop), 0) for i in range(count)})
+    return [(y, min(y + crop, h), x, min(x + crop, w)) for y in starts(h) for x in starts(w)]
+
+
+@torch.no_grad()
+def slide_logits(model: nn.Module, img: Tensor, crop: int, stride: int, batch: int) -> Tensor:
+    """img: [3, h, w] -> logits [K, h, w], averaged over overlapping crop x crop windows (each zero-padded to the
+    crop, which is the size the encoder was built for)."""
+    h, w = img.shape[-2:]
+    boxes = windows(h, w, crop, stride)
+    total, count = None, torch.zeros(1, h, w, device=img.device)
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i:i + batch]
+        x = torch.stack([F.pad(img[:, y1:y2, x1:x2], (0, crop - (x2 - x1), 0, crop - (y2 - y1)))
+                         for y1, y2, x1, x2 in chunk])
+        logits = model(x).float()
+        if total is None:
+            total = torch.zeros(logits.shape[1], h, w, device=img.device)
+        for (y1, y2, x1, x2), lg in zip(chunk, logits):
+            total[:, y1:y2, x1:x2] += lg[:, :y2 - y1, :x2 - x1]
+            count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, data: Ade20kVal, cfg: SegmentConfig, acc: Accelerator) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU of `model` (a Segmentor) over `data`, each process scoring its share."""
+    model.eval()
+    meter = IoUMeter(cfg.data.num_classes, acc.device)
+    loader = DataLoader(Subset(data, my_share(len(data), acc)), batch_size=None, num_workers=cfg.data.num_workers)
+    for img, label, _ in loader:
+        with acc.autocast():
+            logits = slide_logits(model, img.to(acc.device), cfg.data.crop_size, cfg.data.slide_stride,
+                                  cfg.train.eval_batch_size)
+        pred = F.interpolate(logits[None], size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+        meter.update(pred, label.to(acc.device))
+    meter.areas = acc.reduce(meter.areas, "sum")
+    return {**meter.results(), "num_val_images": len(data)}
+
+
+def _data(cfg: SegmentConfig) -> tuple[Ade20kTrain, Ade20kVal]:
+    d = cfg.data
+    if not d.root:
+        raise ConfigError("set data.root to the folder holding ADEChallengeData2016/")
+    if d.crop_size % 32:
+        raise ConfigError(f"data.crop_size must be a multiple of 32 (the coarsest stride), got {d.crop_size}")
+    root = find_root(d.root)
+    train = list_pairs(root, SPLITS["train"], d.max_images)
+    val = list_pairs(root, SPLITS["val"], d.max_images)
+    if d.check_labels:
+        check_labels(train + val, d.num_classes, d.num_workers)
+    return Ade20kTrain(train, d), Ade20kVal(val, d)
+
+
+def segment(cfg: SegmentConfig, source: str) -> dict:
+    """Train and evaluate UperNet on the encoder in `source` (run dir, checkpoint, export or weights file)."""
+    acc = dense_accelerator(cfg)
+    t, d = cfg.train, cfg.data
+    # Everything that can be refused (data layout, label ids, checkpoint fit) is checked before the first step.
+    train_set, val_set = _data(cfg)
+    encoder, spec = build_dense_encoder(cfg.encoder, source, d.crop_size)
+    segmentor = Segmentor(DenseBackbone(encoder, (d.crop_size, d.crop_size)), d.num_classes, cfg.model)
+    if acc.num_processes > 1:  # batch statistics over all processes' crops, as MMSegmentation's SyncBN
+        segmentor = nn.SyncBatchNorm.convert_sync_batchnorm(segmentor)
+    sampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=d.num_workers,
+                        drop_last=True, persistent_workers=d.num_workers > 0)
+    if len(loader) < 1:
+        raise ConfigError(f"{len(train_set)} training images give no batch of train.batch_size={t.batch_size} on "
+                          f"{acc.num_processes} processes")
+    stop = t.max_steps or t.iters
+    optimizer = torch.optim.AdamW(dense_param_groups(segmentor, encoder, cfg.optim), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas))
+    schedule = poly_schedule(optimizer, cfg.optim, t.iters, t.poly_power)
+    derived = {"canvas": d.crop_size, "train_images": len(train_set), "val_images": len(val_set), "stop_step": stop,
+               "effective_batch": t.batch_size * acc.num_processes * t.grad_accum, "encoder": asdict(spec)}
+    out = start_run(cfg, acc, derived)
+    acc.print(f"segment: UperNet on {spec.describe()} from {source}: {d.num_classes} classes, {len(train_set)} train "
+              f"/ {len(val_set)} val images, crop {d.crop_size}, {t.iters} iterations (stop at {stop}); lr "
+              f"{cfg.optim.lr:g}, layer decay {cfg.optim.layer_decay}")
+    model, optimizer = acc.prepare(SegmentationLoss(segmentor), optimizer)
+    log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
+
+    def evaluate(step: int) -> dict:
+        metrics = evaluate_segmentation(segmentor, val_set, cfg, acc)  # unwrapped: no DDP collectives
+        log.scalars(step, {f"val/{k}": metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
+        acc.print(f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, aAcc {metrics['aAcc']:.4f}")
+        return metrics
+
+    def should_eval(step: int) -> bool:
+        return step == stop or bool(t.eval_every and step % t.eval_every == 0)
+
+    step, metrics = fit(model, optimizer, schedule, endless(loader), lambda m, b: m(*b), acc, t, cfg.optim.clip_grad,
+                        stop, should_eval, evaluate, log, getattr(encoder, "on_step", None), "segment")
+    results = {"task": "segment", "source": str(source), "encoder": spec.name, "step": step, **metrics}
+    write_results(out, results, acc)
+    save_final(segmentor, out, acc)
+    log.close()
+    acc.end_training()
+    return results
