@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 .PHONY: install demo test bench

@@ -3,7 +3,7 @@
     mimtrain bench --recipe recipes/pretrain/mae_vit_base.yaml [--recipe R2 ...] [--batch 8] [--steps 10]
         [--warmup 3] [--repeat 1] [--img-size 224] [--compare hf] [--precision fp32|bf16] [--data SHARDS]
         [--json OUT] [overrides]
-    mimtrain bench --decode SHARDS [--recipe R] [--img-size 224]
+    mimtrain bench --decode SHARDS [--recipe R] [--img-size 224] [--decode-images 300] [--repeat 3]
 
 A timed step is what the trainer runs: forward, backward, AdamW step (`build_optimizer`, fused where supported),
 zero_grad. Masks are drawn by the recipe's `MaskingService` on the CPU before timing, images are random (or streamed
@@ -12,7 +12,11 @@ one JSON line back) so that peak memory (CUDA: max_memory_allocated; CPU: peak R
 before the model is built) and allocator state never leak from one model into the next.
 
 A `--recipe` value may carry its own overrides after the path (`--recipe 'R encoder.name=X data.img_size=192'`);
-they apply after the overrides shared by all recipes, so one command can put variants side by side.
+they apply after the overrides shared by all recipes, so one command can put variants side by side. The model is
+built with the trainer's fast path (`engine.fastpath.apply_fast_path`), so the switches `train.compile`,
+`train.compile_mode`, `train.channels_last`, `train.sdpa`, `optim.fused` and `train.precision` (when --precision is
+not given) measure each piece on or off; the row's name lists the ones that differ from the defaults. A compiled
+model gets at least 10 warm-up steps.
 GFLOP/img counts one forward+backward with `torch.utils.flop_counter` (2 FLOPs per multiply-add, matmuls, convs and
 attention only; the optimizer is not counted). MFU = counted FLOP/s / the bf16 matmul peak measured in the same run.
 """
@@ -33,9 +37,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from .flops import count_macs
 
 RESULT_TAG = "MIMTRAIN_BENCH_RESULT "
+COMPILED_WARMUP = 10  # untimed steps at least, for a recipe with train.compile=true
 ROW_FIELDS = ("name", "method", "img_size", "batch", "images_per_sec", "step_ms", "peak_mem_mib", "gflop_per_img",
               "mfu")
 
@@ -58,8 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on CPU")
     s.add_argument("--data", metavar="SHARDS", help="stream batches from these shards (data.num_workers workers) "
                    "and report the fraction of step time spent waiting for data")
-    s.add_argument("--decode", metavar="SHARDS", help="measure PIL decode and decode+RandomResizedCrop images/sec "
-                   "on one core instead of training steps")
+    s.add_argument("--decode", metavar="SHARDS", help="measure decode, decode+RandomResizedCrop and transform "
+                   "images/sec on one core (old PIL+torchvision path and ours) instead of training steps")
     s.add_argument("--decode-images", type=int, default=300, help="--decode: images read from the shards")
     s.add_argument("--json", help="also write the rows (and the command, device, date) to this JSON file")
     s.add_argument("overrides", nargs="*", help="dotted overrides for every recipe, e.g. data.num_workers=2")
@@ -77,7 +83,6 @@ def run_bench(args: argparse.Namespace) -> dict:
         raise ValueError(f"--steps and --repeat must be >= 1 and --warmup >= 0 (got {args.steps}, {args.repeat}, "
                          f"{args.warmup})")
     cuda = torch.cuda.is_available()
-    precision = args.precision or ("bf16" if cuda else "fp32")
     specs = []
     for item in args.recipe:
         recipe, overrides = _split_recipe(item, args)
@@ -87,8 +92,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         if args.data:
             from .data.stream import expand_shards
             expand_shards(args.data)
+        # A compiled model's first steps compile (and inductor's workers keep compiling for a few more steps).
+        warmup = max(args.warmup, COMPILED_WARMUP) if cfg.train.compile else args.warmup
         spec = dict(recipe=recipe, overrides=overrides, batch=args.batch or cfg.train.batch_size, steps=args.steps,
-                    warmup=args.warmup, precision=precision, data=args.data or "")
+                    warmup=warmup, precision=_step_precision(cfg, args, cuda), data=args.data or "")
         specs.append((cfg, spec))
 
     peak_flops = _worker({"kind": "peak"}).get("peak_flops", 0.0) if cuda else 0.0
@@ -107,13 +114,22 @@ def run_bench(args: argparse.Namespace) -> dict:
                      if o.get("images_per_sec") and h.get("images_per_sec")]
             ratios.append({"name": picked["ours"]["name"], "pairs": pairs,
                            "ratio": picked["ours"]["images_per_sec"] / picked["hf"]["images_per_sec"]})
-    report = {"command": _command(args), "device": _device_line(rows), "date": _now(), "precision": precision,
-              "rows": rows, "ours_over_hf": ratios}
+    precisions = sorted({spec["precision"] for _, spec in specs})
+    report = {"command": _command(args), "device": _device_line(rows), "date": _now(),
+              "precision": precisions[0] if len(precisions) == 1 else "per row", "rows": rows, "ours_over_hf": ratios}
     print(format_report(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _step_precision(cfg, args: argparse.Namespace, cuda: bool) -> str:
+    """--precision if given, else the recipe's train.precision ('auto': bf16 on CUDA, fp32 on CPU)."""
+    precision = args.precision or {"auto": "bf16" if cuda else "fp32"}.get(cfg.train.precision, cfg.train.precision)
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"mimtrain bench times bf16 or fp32 steps, not train.precision={precision}")
+    return precision
 
 
 def _median_row(runs: list[dict]) -> dict:
@@ -233,6 +249,8 @@ def _worker_main(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     build = _build_hf if spec["kind"] == "hf" else _build_ours
     model, optimizer, step_inputs, name, masking = build(cfg, spec["batch"], dev)
+    if spec["kind"] == "ours":
+        name = _model_label(cfg, spec["precision"], dev)
     bf16 = spec["precision"] == "bf16"
 
     def step(inputs) -> None:
@@ -247,7 +265,8 @@ def _worker_main(spec: dict) -> dict:
             loss = model(*step_inputs[0])["loss"]
         loss.backward()
 
-    flops = count_train_flops(fwd_bwd)
+    with torch.compiler.set_stance("force_eager"):  # count the model's FLOPs, not the compiler's
+        flops = 2 * count_macs(fwd_bwd)  # FLOPs: 2 per multiply-add
     optimizer.zero_grad(set_to_none=True)
     if spec["data"] and spec["kind"] == "ours":
         timing = _time_streamed(step, cfg, spec, masking, dev)
@@ -268,27 +287,19 @@ def _worker_main(spec: dict) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, _groups, output_mask, out_shape=None) -> int:
-    """Each of grad_input and grad_weight costs what the forward conv costs. torch's formula drops `groups` from the
-    grad_weight term, which counts a depth-wise conv's weight gradient C times over (GLNet, GPViT, DGT)."""
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
-def count_train_flops(fn) -> int:
-    """FLOPs (2 per multiply-add) of everything `fn()` runs, backward included."""
-    from .flops import CPU_ATTENTION_FORMULAS
-
-    mapping = {**CPU_ATTENTION_FORMULAS, torch.ops.aten.convolution_backward: _conv_backward_flops}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _model_label(cfg) -> str:
+def _model_label(cfg, precision: str = "", dev: torch.device | None = None) -> str:
+    """Encoder name (with its kwargs), then the fast-path settings that differ from the defaults, e.g.
+    `mim_vit_base_patch16 [compile, channels_last]`, so that on/off variants of one recipe read apart."""
     kw = ",".join(f"{k}={v}" for k, v in cfg.encoder.kwargs.items())
-    return f"{cfg.encoder.name}({kw})" if kw else cfg.encoder.name
+    label = f"{cfg.encoder.name}({kw})" if kw else cfg.encoder.name
+    t = cfg.train
+    flags = [f"compile={t.compile_mode}" if t.compile_mode != "default" else "compile"] if t.compile else []
+    flags += ["channels_last"] if t.channels_last else []
+    flags += ["no sdpa"] if not t.sdpa else []
+    flags += ["unfused AdamW"] if not cfg.optim.fused else []
+    if dev is not None and precision and precision != ("bf16" if dev.type == "cuda" else "fp32"):
+        flags.append(precision)
+    return f"{label} [{', '.join(flags)}]" if flags else label
 
 
 def _lr(cfg, batch: int) -> float:
@@ -296,8 +307,10 @@ def _lr(cfg, batch: int) -> float:
 
 
 def _build_ours(cfg, batch: int, dev: torch.device):
-    """The trainer's encoder, masking service, method and AdamW; `batch` random images with masks drawn on CPU."""
+    """The trainer's encoder, masking service, method (with the fast path of `cfg.train`) and AdamW; `batch` random
+    images with masks drawn on CPU."""
     from .encoders import build_encoder
+    from .engine.fastpath import apply_fast_path
     from .engine.optim import build_optimizer
     from .masking import MaskingService
     from .methods import build_method, mask_mode_for
@@ -307,7 +320,7 @@ def _build_ours(cfg, batch: int, dev: torch.device):
                             mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
                             drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
     masking = MaskingService.for_encoder(encoder, S, cfg.mask, cfg.seed)
-    method = build_method(cfg.method, encoder, S).to(dev).train()
+    method = apply_fast_path(build_method(cfg.method, encoder, S).to(dev).train(), cfg.train, masking)
     optimizer = build_optimizer(method, cfg.optim, _lr(cfg, batch), dev.type)
     images = torch.randn(batch, 3, S, S)
     # A few distinct mask batches, cycled: drawing them is the data pipeline's job, not the step's.
@@ -419,14 +432,25 @@ def measure_bf16_peak(n: int = 8192, iters: int = 20) -> float:
 
 # ---------------------------------------------------------------------------------------------------------- decode
 
+DECODE_MIN_SECONDS = 1.0  # each case of each round reads every image at least once and runs at least this long
+DECODE_CASES = ("decode", "decode+RandomResizedCrop, old", "decode+RandomResizedCrop, ours", "full transform, old",
+                "full transform, ours")
+
+
 def _run_decode(args: argparse.Namespace) -> dict:
-    """Decode-only and decode+RandomResizedCrop images/sec on one core (this process, one torch thread)."""
+    """Images/sec on one core (this process, one torch thread) of PIL's full decode alone, and of decode + crop and
+    the whole pretraining transform, the old way (PIL decode, torchvision on the PIL image) and ours
+    (`PretrainTransform` from the encoded bytes, JPEG draft decoding). Every case runs each image under the same
+    per-image seed (`seeded`, as ShardStream does), so old and ours crop the same boxes. The cases take turns for
+    max(3, --repeat) rounds; each cell is the median round, the ratio the median of the rounds' ratios."""
+    import statistics
+
     from PIL import Image
     from torchvision import transforms as T
 
     from .data.shards import IMAGE_EXTS
     from .data.stream import expand_shards
-    from .data.transforms import pretrain_transform
+    from .data.transforms import open_image, pretrain_transform, reference_pretrain_transform, seeded
 
     if args.recipe:
         d = _load(*_split_recipe(args.recipe[0], args)).data
@@ -436,33 +460,48 @@ def _run_decode(args: argparse.Namespace) -> dict:
     if not blobs:
         raise ValueError(f"no images found in {args.decode}")
     torch.set_num_threads(1)
-    rrc = T.RandomResizedCrop(d.img_size, scale=tuple(d.crop_scale), interpolation=T.InterpolationMode.BICUBIC)
-    full = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
+    old_rrc = T.RandomResizedCrop(d.img_size, scale=tuple(d.crop_scale), interpolation=T.InterpolationMode.BICUBIC)
+    old_full = reference_pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
+    ours = pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)
 
     def decode(blob: bytes):
         with Image.open(io.BytesIO(blob)) as img:
             return img.convert("RGB")  # forces the full decode
 
-    with Image.open(io.BytesIO(blobs[0])) as first:
-        fmt, (w, h) = first.format, first.size
-    rates = {}
-    for label, fn in (("decode", decode), ("decode+RandomResizedCrop", lambda b: rrc(decode(b))),
-                      ("decode+full pretrain transform", lambda b: full(decode(b)))):
-        fn(blobs[0])
-        t0, n = time.perf_counter(), 0
-        while n < len(blobs) or time.perf_counter() - t0 < 1.0:
-            fn(blobs[n % len(blobs)])
-            n += 1
-        rates[label] = n / (time.perf_counter() - t0)
+    cases = dict(zip(DECODE_CASES, (decode, lambda b: old_rrc(decode(b)), ours.crop, lambda b: old_full(decode(b)),
+                                    ours)))
+    rounds: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(max(3, args.repeat)):
+        for label, fn in cases.items():
+            seeded(fn, blobs[0], 0)
+            t0, n = time.perf_counter(), 0
+            while n < len(blobs) or time.perf_counter() - t0 < DECODE_MIN_SECONDS:
+                seeded(fn, blobs[n % len(blobs)], n % len(blobs))
+                n += 1
+            rounds[label].append(n / (time.perf_counter() - t0))
+    rates = {k: statistics.median(v) for k, v in rounds.items()}
+    # Within a round both ran under the same host load: the median of the rounds' ratios.
+    ratio = statistics.median(o / d for o, d in zip(rounds[DECODE_CASES[2]], rounds["decode"]))
+
+    def reduction(blob: bytes) -> int:  # under the image's seed, the box ours draws decides its DCT reduction
+        img = open_image(blob)
+        return ours.reduction(img, ours.draw_box(img))
+
+    reduced = sum(seeded(reduction, b, i) > 1 for i, b in enumerate(blobs)) / len(blobs)
+    first = open_image(blobs[0])
+    fmt, (w, h) = first.format, first.size
     row = {"name": args.decode, "images": len(blobs), "format": fmt, "source_px": f"{w}x{h}", "img_size": d.img_size,
-           "mean_bytes": sum(map(len, blobs)) / len(blobs), **{f"{k} img/s/core": v for k, v in rates.items()}}
+           "mean_bytes": sum(map(len, blobs)) / len(blobs), "reduced_scale_frac": reduced,
+           "ours_crop_over_decode": ratio, **{f"{k} img/s/core": v for k, v in rates.items()}, "rounds": rounds}
     report = {"command": _command(args), "device": f"CPU: {cpu_model()}, 1 process, 1 torch thread",
               "date": _now(), "rows": [row]}
-    lines = [f"- command: `{report['command']}`", f"- device: {report['device']}; date: {report['date']}", "",
-             "| shards | images (format, source px, mean KB) | out px | " + " | ".join(rates) + " |",
-             "|---|---|---|" + "---|" * len(rates),
+    lines = [f"- command: `{report['command']}`", f"- device: {report['device']}; date: {report['date']}; "
+             f"median of {len(rounds['decode'])} interleaved rounds", "",
+             "| shards | images (format, source px, mean KB) | out px | " + " | ".join(rates)
+             + " | ours crop / decode | reduced-scale decodes |",
+             "|---|---|---|" + "---|" * (len(rates) + 2),
              f"| {args.decode} | {len(blobs)} ({fmt}, {w}x{h}, {row['mean_bytes'] / 1024:.1f}) | {d.img_size} | "
-             + " | ".join(f"{v:.0f}" for v in rates.values()) + " |"]
+             + " | ".join(f"{v:.0f}" for v in rates.values()) + f" | {100 * ratio:.0f}% | {100 * reduced:.0f}% |"]
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

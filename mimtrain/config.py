@@ -47,7 +47,8 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""  # brace pattern, file list (comma-separated), directory, pipe: command or http(s) URL
-    val_shards: str = ""
+    val_shards: str = ""  # labelled: the k-NN queries when train.knn_every > 0
+    knn_train_shards: str = ""  # labelled shards (`.cls`): the k-NN bank when train.knn_every > 0
     img_size: int = 224
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
@@ -81,9 +82,17 @@ class TrainConfig:
     log_every: int = 20  # steps between logged scalars (and the only host syncs of the loss)
     image_every: int = 500  # steps between TensorBoard reconstruction grids (0 = off)
     ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
-    keep_last: int = 3  # checkpoints kept (older ones are deleted once a newer one is complete)
+    keep_last: int = 3  # latest checkpoints kept (older ones are deleted once a newer one is complete; 0 = all)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good (0 = none)
+    preempt_check_every: int = 1  # steps between the processes' agreement on a SIGTERM/SIGUSR1 (a host-only reduce)
+    knn_every: int = 0  # steps between k-NN top-1 probes on data.knn_train_shards -> data.val_shards (0 = off)
     progress: bool = True
     trace_keys: bool = False  # write the sample keys each process trains on to output_dir/keys_rank<r>.txt (audits)
+    # GPU fast path switches (engine/fastpath.py; `mimtrain bench` measures each on and off)
+    compile: bool = False  # torch.compile the method's forward (encoder, drop-mode gather, decoder, loss)
+    compile_mode: str = "default"  # "default" | "reduce-overhead" | "max-autotune" | "max-autotune-no-cudagraphs"
+    channels_last: bool = False  # conv weights and input images in channels-last (conv-heavy encoders)
+    sdpa: bool = True  # every timm attention layer on F.scaled_dot_product_attention (false: the explicit softmax)
 
 
 @dataclass

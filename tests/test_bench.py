@@ -43,7 +43,7 @@ def test_compare_hf_refuses_a_non_vit_recipe(capsys):
     assert "--compare hf needs an MAE recipe with a mim_vit_* encoder" in err and "simmim" in err
 
 
-def test_streamed_data_and_decode_modes(tmp_path, capsys):
+def test_streamed_data_and_decode_modes(tmp_path, capsys, monkeypatch):
     shards = make_test_shards(tmp_path, classes=2, per_class=6, shard_size=6)
     out = tmp_path / "data.json"
     main(["bench", "--recipe", str(REPO / "recipes/pretrain/mae_vit_base.yaml"), "--batch", "2", "--steps", "2",
@@ -52,10 +52,26 @@ def test_streamed_data_and_decode_modes(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert "error" not in row, row
     assert 0.0 <= row["data_wait_frac"] <= 1.0
+    monkeypatch.setattr("mimtrain.bench.DECODE_MIN_SECONDS", 0.01)
     main(["bench", "--decode", str(shards), "--img-size", "32", "--json", str(tmp_path / "decode.json")])
     (row,) = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert row["images"] == 12 and row["decode img/s/core"] > 0 and row["decode+RandomResizedCrop img/s/core"] > 0
-    assert "decode+RandomResizedCrop" in capsys.readouterr().out
+    assert row["images"] == 12 and 0.0 <= row["reduced_scale_frac"] <= 1.0
+    for case in ("decode", "decode+RandomResizedCrop, old", "decode+RandomResizedCrop, ours", "full transform, old",
+                 "full transform, ours"):
+        assert row[f"{case} img/s/core"] > 0 and len(row["rounds"][case]) == 3, case
+    out = capsys.readouterr().out
+    assert "| decode+RandomResizedCrop, old | decode+RandomResizedCrop, ours |" in out and "ours crop / decode" in out
+
+
+def test_fast_path_switches_name_their_rows(tmp_path):
+    out = tmp_path / "switches.json"
+    recipe = str(REPO / "recipes/pretrain/mae_vit_base.yaml")
+    main(["bench", "--recipe", recipe, "--recipe", f"{recipe} train.channels_last=true train.sdpa=false "
+          "optim.fused=false", "--batch", "2", "--steps", "1", "--warmup", "0", "--json", str(out), *TINY_VIT])
+    plain, switched = json.loads(out.read_text())["rows"]
+    assert "error" not in plain and "error" not in switched
+    assert plain["name"] == "mim_vit_base_patch16(patch_size=8,embed_dim=32,depth=2,num_heads=2)"
+    assert switched["name"] == plain["name"] + " [channels_last, no sdpa, unfused AdamW]"
 
 
 def test_failed_worker_becomes_a_row_not_a_crash():
@@ -63,14 +79,3 @@ def test_failed_worker_becomes_a_row_not_a_crash():
               "rows": [{"name": "big", "method": "simmim", "error": "OOM"}]}
     line = format_report(report).splitlines()[-1]
     assert line.startswith("| big | simmim |") and line.endswith("| OOM |") and line.count("|") == 10
-
-
-def test_depthwise_conv_backward_is_counted_once_per_gradient():
-    import torch
-
-    from mimtrain.bench import count_train_flops
-
-    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
-    x = torch.randn(1, 16, 8, 8, requires_grad=True)
-    forward = count_train_flops(lambda: conv(x))
-    assert count_train_flops(lambda: conv(x).sum().backward()) == 3 * forward  # torch alone counts 18x here

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..masking import MaskingService, sample_seed
 from .shards import IMAGE_EXTS, INDEX_NAME
-from .transforms import seeded
+from .transforms import UndecodableImage, seeded
 
 _IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTS)
 
@@ -81,7 +81,8 @@ class ShardStream(IterableDataset):
     """Yields collated batches: {"images", "label", "key", "mask" (if masking), "pos", "skipped"}.
 
     Args:
-        urls: shard URLs (all ranks'). transform: PIL -> tensor, applied under a per-sample seed.
+        urls: shard URLs (all ranks'). transform: PIL -> tensor, applied under a per-sample seed; a transform with
+            `takes_bytes` gets the encoded image and decodes it itself (`PretrainTransform`).
         num_batches: batches this rank yields per epoch (fixed length; streams repeat their shards if short);
             None = one pass over this rank's shards with a partial last batch (evaluation, tests).
         start: resume point {"consumed": batches already consumed this epoch, "streams": {s: [pass, raw]}}.
@@ -139,13 +140,20 @@ class ShardStream(IterableDataset):
         try:
             if ext is None:
                 raise ValueError("no image")
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                img = img.convert("RGB")
             label = int(sample["cls"]) if "cls" in sample else -1
+            if getattr(self.transform, "takes_bytes", False):
+                img = sample[ext]  # the transform decodes (a JPEG at reduced scale where its crop allows)
+            else:
+                with Image.open(io.BytesIO(sample[ext])) as img:
+                    img = img.convert("RGB")
         except Exception:  # noqa: BLE001  (any undecodable sample is skipped and counted, never fatal)
             counters["skipped"] += 1
             return None
-        return seeded(self.transform, img, sample_seed("aug", self.seed, self.epoch, key)), label, key
+        try:
+            return seeded(self.transform, img, sample_seed("aug", self.seed, self.epoch, key)), label, key
+        except UndecodableImage:  # raised only by a decoding transform, on broken image data
+            counters["skipped"] += 1
+            return None
 
     def _collate(self, items: list, pos: list[int], counters: dict) -> dict:
         images, labels, keys = zip(*items)

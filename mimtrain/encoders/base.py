@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal, Protocol, runtime_checkable
 
 import timm
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,6 +57,24 @@ def mask_to_tokens(mask: Tensor, factor: int) -> Tensor:
     if factor == 1:
         return mask
     return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def visible_order(hidden: Tensor, hidden_units: int | None, tokens_per_unit: int = 1) -> Tensor:
+    """Indices of the visible tokens of a drop-mode batch, in raster order: [B, L] bool (True = hidden; every row
+    hides the same count) -> [B, V].
+
+    `hidden_units` is the hidden mask units per image where the caller fixes it ahead (the fast path sets it from the
+    mask ratio): V is then a Python constant, so there is no host sync and torch.compile sees one static shape; a
+    batch that hides another count fails loudly (an asynchronous device check). None reads V from the mask, with
+    one host sync.
+    """
+    if hidden_units is None:
+        n_visible = hidden.shape[1] - int(hidden[0].sum())  # host sync: one per step
+    else:
+        n_visible = hidden.shape[1] - hidden_units * tokens_per_unit
+        torch._assert_async((hidden.sum(1) == hidden.shape[1] - n_visible).all(),
+                            f"every image must hide {hidden_units} mask units (encoder.hidden_units)")
+    return torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, :n_visible]
 
 
 def blank_hidden_pixels(x: Tensor, mask: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .base import fill_tokens, mask_to_tokens, strip_timm_kwargs
+from .base import fill_tokens, mask_to_tokens, strip_timm_kwargs, visible_order
 
 CELL = 16  # pixels per main-stage token: the unit that drop mode can remove exactly
 PATCH = 4  # pixels per stage-1 token
@@ -83,6 +83,8 @@ class HiViT(nn.Module):
         mask_mode: "drop" (MAE: hidden cells never enter) or "fill" (SimMIM: mask token after the patch embedding).
         fixed_pos_embed: absolute position embedding as a frozen 2-D sin-cos table (MAE) instead of a learned one.
     """
+
+    hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, dims: tuple[int, int, int] = (128, 256, 512),
                  depths: tuple[int, int, int] = (2, 2, 20), num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -209,10 +211,9 @@ class HiViT(nn.Module):
             return out.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
         hidden = mask_to_tokens(mask, self.mask_unit // CELL).flatten(1)  # [B, N] on the stride-16 grid
         # Every image hides the same count (the masking service guarantees it), so the gather stays rectangular.
-        n_visible = hidden.shape[1] - int(hidden[0].sum())  # host sync: one per step
-        keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, :n_visible]  # visible, raster order
+        keep = visible_order(hidden, self.hidden_units, (self.mask_unit // CELL) ** 2)  # [B, V]
         _, _, t = self._hierarchical_embed(self.patch_embed(self._pixel_cells(x, keep)))
-        return self._main_stage(t.view(B, n_visible, self.embed_dim), keep)
+        return self._main_stage(t.view(B, keep.shape[1], self.embed_dim), keep)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] -> [[B, C0, H/4, W/4], [B, C1, H/8, W/8], [B, C2, H/16, W/16]], unmasked."""

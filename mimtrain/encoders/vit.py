@@ -11,11 +11,13 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .base import mask_to_tokens, strip_timm_kwargs
+from .base import mask_to_tokens, strip_timm_kwargs, visible_order
 
 
 class ViTEncoder(nn.Module):
     """timm VisionTransformer + the mimtrain encoder contract (see `encoders/base.py`)."""
+
+    hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 1000,
@@ -81,8 +83,7 @@ class ViTEncoder(nn.Module):
             out = self._transform(self._prepend_prefix(tokens))[:, self.vit.num_prefix_tokens:]
             return out.transpose(1, 2).reshape(B, C, *self.grid_size)
         # Every image hides the same count (the masking service guarantees it), so the gather stays rectangular.
-        n_visible = L - int(hidden[0].sum())  # host sync: one per step
-        keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, :n_visible]  # visible, raster order
+        keep = visible_order(hidden, self.hidden_units, (self.mask_unit // self.patch_size) ** 2)  # [B, V]
         tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, C))
         return self._transform(self._prepend_prefix(tokens))
 

@@ -4,17 +4,25 @@ Layout: `output_dir/checkpoints/step-00001000/` (accelerate `save_state`: model 
 plus `trainer_state_<rank>.json` and the resolved `config.yaml`) and `checkpoints/latest`, a one-line pointer.
 A checkpoint is written into `tmp-step-...`, renamed into place only when every process has finished writing, and
 only then does the pointer move (rename over the old pointer), so `latest` always names a complete directory.
+Under DeepSpeed, `save_state` writes the engine's checkpoint (`pytorch_model/`: module states, one ZeRO optimizer
+partition per process); under FSDP, sharded model/optimizer directories (`pytorch_model_fsdp_0/`, ...).
+
+Retention: the last `keep_last` checkpoints, plus every one whose step is a multiple of `keep_every`.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
 
 POINTER = "latest"
+# Test hook (tests/test_distributed.py): seconds to sleep inside `save` after the model and optimizer are written and
+# before the checkpoint is complete, so a test can SIGKILL a process mid-save. Unset in real runs.
+PAUSE_ENV = "MIMTRAIN_TEST_PAUSE_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -22,9 +30,9 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints:
-    def __init__(self, output_dir: str | Path, keep_last: int = 3):
+    def __init__(self, output_dir: str | Path, keep_last: int = 3, keep_every: int = 0):
         self.root = Path(output_dir) / "checkpoints"
-        self.keep_last = keep_last
+        self.keep_last, self.keep_every = keep_last, keep_every
 
     def latest(self) -> Path | None:
         ptr = self.root / POINTER
@@ -53,6 +61,8 @@ class Checkpoints:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
         _atomic_write(tmp / f"trainer_state_{accelerator.process_index}.json", json.dumps(rank_state))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -66,12 +76,29 @@ class Checkpoints:
         return final
 
     def _prune(self, keep: Path) -> None:
-        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-        for old in steps[:-self.keep_last] if self.keep_last > 0 else []:
-            if old != keep:
+        steps = {int(p.name.split("-")[1]): p for p in self.root.glob("step-*") if p.is_dir()}
+        kept = retained(list(steps), self.keep_last, self.keep_every)
+        for step, old in steps.items():
+            if step not in kept and old != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("tmp-step-*"):  # left by a process killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The checkpoint steps to keep: the `keep_last` latest (all when 0) and every multiple of `keep_every`."""
+    ordered = sorted(steps)
+    keep = set(ordered[-keep_last:] if keep_last > 0 else ordered)
+    return keep | ({s for s in ordered if s % keep_every == 0} if keep_every > 0 else set())
+
+
+def saved_with(ckpt: Path) -> str:
+    """"deepspeed" | "fsdp" | "ddp": which engine wrote the checkpoint (their files differ)."""
+    if (ckpt / "pytorch_model").is_dir():
+        return "deepspeed"
+    if any(ckpt.glob("pytorch_model_fsdp*")):
+        return "fsdp"
+    return "ddp"
 
 
 def read_rank_state(ckpt: Path, rank: int) -> dict:

@@ -1,18 +1,16 @@
-"""The pretraining engine: Accelerate loop, schedule, logging, checkpoints, exact resume.
+"""The pretraining engine: Accelerate loop, schedule, logging, checkpoints, exact resume, preemption.
 
 The engine never names a model or a method: it builds them through `build_encoder`/`build_method` from the config
 and talks to the method through `forward(images, mask) -> {"loss", ...}` (and `visualize` for image logs).
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -22,43 +20,18 @@ from ..data.transforms import pretrain_transform
 from ..encoders import build_encoder
 from ..masking import MaskingService
 from ..methods import build_method, mask_mode_for
-from .checkpoint import CheckpointError, Checkpoints, checkpoint_config, read_rank_state
+from .checkpoint import Checkpoints
+from .fastpath import apply_fast_path
+from .distributed import configure_deepspeed, make_accelerator, module_dtype
 from .logging import RunLogger
+from .monitor import KnnMonitor
 from .optim import build_optimizer, build_schedule
+from .preempt import Preemption, shield_workers
+from .resume import TrainState, restore
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@dataclass
-class TrainState:
-    """Where training stands; one per process, saved as JSON in every checkpoint (no pickles)."""
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    consumed: int = 0  # micro-batches consumed in this epoch (this process)
-    streams: dict = field(default_factory=dict)  # stream -> [pass, raw samples read], at the last consumed batch
-    skipped: dict = field(default_factory=dict)  # stream -> undecodable samples met this epoch
-    skipped_before: int = 0  # skipped in earlier epochs / before the resume
-    num_streams: int = 1
-    world_size: int = 1
-
-    def position(self) -> dict:
-        return {"consumed": self.consumed, "streams": self.streams}
-
-    def take(self, batch: dict) -> None:
-        stream, pass_, raw = (int(v) for v in batch["pos"])
-        self.streams[str(stream)] = [pass_, raw]
-        self.skipped[str(stream)] = int(batch["skipped"])
-        self.consumed += 1
-
-    def next_epoch(self) -> None:
-        self.skipped_before += sum(self.skipped.values())
-        self.epoch, self.consumed, self.streams, self.skipped = self.epoch + 1, 0, {}, {}
-
-    @property
-    def total_skipped(self) -> int:
-        return self.skipped_before + sum(self.skipped.values())
 
 
 def _precision(name: str) -> str:
@@ -71,32 +44,10 @@ def _bad_precision(name: str):
     raise ConfigError(f"train.precision must be auto|bf16|fp16|fp32, got '{name}'")
 
 
-def _restore(ckpts: Checkpoints, ckpt, cfg: Config, accelerator, state: TrainState) -> TrainState:
-    saved = checkpoint_config(ckpt)
-    if saved["encoder"]["name"] != cfg.encoder.name or saved["method"]["name"] != cfg.method.name:
-        raise CheckpointError(f"{ckpt} holds a {saved['method']['name']} {saved['encoder']['name']} run; this run is "
-                              f"{cfg.method.name} {cfg.encoder.name}: use another output_dir or resume=''")
-    accelerator.load_state(str(ckpt))
-    rank_state = read_rank_state(ckpt, min(accelerator.process_index, saved["derived"]["world_size"] - 1))
-    restored = TrainState(**rank_state)
-    if (restored.world_size, restored.num_streams) != (state.world_size, state.num_streams):
-        # Positions are per (process, worker): with another layout this epoch's data restarts from its beginning.
-        accelerator.print(f"resume: {restored.world_size} processes x {restored.num_streams} workers -> "
-                          f"{state.world_size} x {state.num_streams}; epoch {restored.epoch} data restarts")
-        restored = TrainState(step=restored.step, epoch=restored.epoch, skipped_before=restored.total_skipped,
-                              num_streams=state.num_streams, world_size=state.world_size)
-    return restored
-
-
 def pretrain(cfg: Config) -> dict:
-    """Run (or resume) a pretraining job. Returns a summary dict (first/last logged loss, run paths)."""
-    # cpu=True on a machine without CUDA lets `accelerate launch --multi_gpu` run its processes over gloo.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
-                              mixed_precision=_precision(cfg.train.precision))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise RuntimeError(f"launched {launched} processes but the accelerator joined {accelerator.num_processes}: "
-                           "each would train alone (on CPU, launch with --multi_gpu, not --cpu)")
+    """Run (or resume) a pretraining job. Returns a summary dict (first/last logged loss, run paths, whether a
+    SIGTERM/SIGUSR1 stopped it early after writing a checkpoint)."""
+    accelerator = make_accelerator(cfg.train.grad_accum, _precision(cfg.train.precision))
     set_seed(cfg.seed)
     # Everything that can be refused is checked before any data is read or any step runs.
     urls = expand_shards(cfg.data.train_shards)
@@ -105,17 +56,21 @@ def pretrain(cfg: Config) -> dict:
                             drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
     masking = MaskingService.for_encoder(encoder, cfg.data.img_size, cfg.mask, cfg.seed)
     method = build_method(cfg.method, encoder, cfg.data.img_size)
+    method = apply_fast_path(method, cfg.train, masking)  # compile, channels-last, SDPA, static visible count
     d = derive(cfg, accelerator.num_processes, cfg.data.samples_per_epoch or count_samples(urls))
-    ckpts = Checkpoints(cfg.output_dir, cfg.train.keep_last)
+    ckpts = Checkpoints(cfg.output_dir, cfg.train.keep_last, cfg.train.keep_every)
     resume_from = ckpts.resolve(cfg.resume)
+    knn = KnnMonitor(cfg, accelerator)
 
-    optimizer = build_optimizer(method, cfg.optim, d.lr, accelerator.device.type)
-    schedule = build_schedule(optimizer, d, cfg.optim)
+    optim_cfg = configure_deepspeed(accelerator, cfg).optim
+    optimizer = build_optimizer(method, optim_cfg, d.lr, accelerator.device.type)
     method, optimizer = accelerator.prepare(method, optimizer)
+    # On the prepared optimizer: DeepSpeed may swap in its own (CPU-offload Adam); the lr must reach the one that steps.
+    schedule = build_schedule(optimizer, d, cfg.optim)
     streams = max(1, cfg.data.num_workers)
     state = TrainState(num_streams=streams, world_size=accelerator.num_processes)
     if resume_from is not None:
-        state = _restore(ckpts, resume_from, cfg, accelerator, state)
+        state = restore(resume_from, cfg, accelerator, state)
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
     config_text = yaml.safe_dump({**to_dict(cfg), "derived": d.as_dict()}, sort_keys=False)
     log = RunLogger(cfg.output_dir, enabled=accelerator.is_main_process)
@@ -129,31 +84,60 @@ def pretrain(cfg: Config) -> dict:
                        cfg.train.batch_size, seed=cfg.seed, rank=accelerator.process_index,
                        world_size=accelerator.num_processes, num_streams=streams, masking=masking,
                        num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
-    summary = _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, log, config_text)
+    preempt = Preemption(cfg.train.preempt_check_every).install()
+    try:
+        summary = _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, log, config_text,
+                        preempt, knn)
+    finally:
+        preempt.uninstall()
     log.close()
     accelerator.end_training()
     return summary
 
 
-def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, log, config_text) -> dict:
-    t = cfg.train
-    dev = accelerator.device
+class _Meter:
+    """Loss, throughput and data wait between two logged steps; the loss stays on the device until then."""
+
+    def __init__(self, device):
+        self.device = device
+        self.bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite step, no sync
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.n_micro = torch.zeros((), device=self.device), 0
+        self.wait, self.t0 = 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.bad_step = torch.where(torch.isfinite(loss) | (self.bad_step >= 0), self.bad_step, step + 1)
+        self.loss_sum, self.n_micro = self.loss_sum + loss, self.n_micro + 1
+
+    def record(self, accelerator, state: TrainState, lr: float, images_per_micro: int) -> dict:
+        """Host syncs: the mean loss and skipped counts over every process."""
+        _check_finite(accelerator, self.bad_step)
+        elapsed = time.perf_counter() - self.t0
+        skipped = accelerator.reduce(torch.tensor(state.total_skipped, device=self.device), "sum")
+        rec = {"epoch": state.epoch, "loss": accelerator.reduce(self.loss_sum / self.n_micro, "mean").item(), "lr": lr,
+               "images_per_sec": self.n_micro * images_per_micro / elapsed, "data_wait_frac": self.wait / elapsed,
+               "data/skipped": int(skipped.item())}
+        self.reset()
+        return rec
+
+
+def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, log, config_text, preempt,
+          knn) -> dict:
+    t, dev = cfg.train, accelerator.device
     bar = tqdm(total=d.stop_step, initial=state.step, disable=not (accelerator.is_main_process and t.progress),
                dynamic_ncols=True, desc="pretrain")
-    loss_sum, n_micro, wait, t0 = torch.zeros((), device=dev), 0, 0.0, time.perf_counter()
-    bad_step = torch.full((), -1, device=dev, dtype=torch.long)  # first non-finite step, tracked without a sync
-    history: list[float] = []
+    meter, history, stop = _Meter(dev), [], False
     on_step = getattr(accelerator.unwrap_model(method).encoder, "on_step", None)
-    trace = None
-    if t.trace_keys:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        trace = open(f"{cfg.output_dir}/keys_rank{accelerator.process_index}.txt", "a")
-    while state.step < d.stop_step:
+    in_dtype = module_dtype(accelerator)  # None: images stay fp32
+    trace = _trace_file(cfg, accelerator)
+    while state.step < d.stop_step and not stop:
         data.set_epoch(state.epoch, state.position())
         tw = time.perf_counter()
-        for batch in make_loader(data, cfg.data.num_workers, pin_memory=dev.type == "cuda"):
-            wait += time.perf_counter() - tw
-            images = batch["images"].to(dev, non_blocking=True)
+        for batch in shield_workers(make_loader(data, cfg.data.num_workers, pin_memory=dev.type == "cuda")):
+            meter.wait += time.perf_counter() - tw
+            images = batch["images"].to(dev, dtype=in_dtype, non_blocking=True)
             mask = batch["mask"].to(dev, non_blocking=True)
             if state.consumed % t.grad_accum == 0:
                 schedule.step_update(state.step)  # lr for the optimizer step this micro-batch belongs to
@@ -161,14 +145,12 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
                     on_step(state.step, optimizer.param_groups[0]["lr"])
             with accelerator.accumulate(method):  # no all-reduce on non-final micro-batches
                 out = method(images, mask)
-                accelerator.backward(out["loss"])
+                accelerator.backward(out["loss"])  # under DeepSpeed this also clips and steps at the boundary
                 if accelerator.sync_gradients and cfg.optim.clip_grad > 0:
                     accelerator.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
                 optimizer.step()  # a no-op on non-final micro-batches
                 optimizer.zero_grad(set_to_none=True)
-            loss = out["loss"].detach()
-            bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, state.step + 1)
-            loss_sum, n_micro = loss_sum + loss, n_micro + 1
+            meter.add(out["loss"].detach(), state.step)
             state.take(batch)
             if trace:
                 trace.write("\n".join(batch["key"]) + "\n")
@@ -178,26 +160,23 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
             state.step += 1
             bar.update(1)
             end = state.step >= d.stop_step
-            if state.step % t.log_every == 0 or end:  # the only host syncs of the loop
-                _check_finite(accelerator, bad_step)
-                elapsed = time.perf_counter() - t0
-                mean_loss = accelerator.reduce(loss_sum / n_micro, "mean").item()
-                skipped = int(accelerator.reduce(torch.tensor(state.total_skipped, device=dev), "sum").item())
-                rec = {"epoch": state.epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "images_per_sec": n_micro * t.batch_size * d.world_size / elapsed,
-                       "data_wait_frac": wait / elapsed, "data/skipped": skipped}
+            stop = preempt.should_stop(state.step) and not end  # the same answer on every process (host-only)
+            if state.step % t.log_every == 0 or end or stop:  # the only host syncs of the loop
+                rec = meter.record(accelerator, state, optimizer.param_groups[0]["lr"], t.batch_size * d.world_size)
                 log.scalars(state.step, rec)
-                history.append(mean_loss)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{rec['lr']:.2e}")
-                loss_sum, n_micro, wait, t0 = torch.zeros((), device=dev), 0, 0.0, time.perf_counter()
+                history.append(rec["loss"])
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
             if t.image_every and (state.step % t.image_every == 0 or state.step == 1) and accelerator.is_main_process:
                 views = accelerator.unwrap_model(method).visualize(images[:8], {k: v[:8] for k, v in out.items()
                                                                                 if v.dim() > 0})
                 log.reconstruction(state.step, views, cfg.data.mean, cfg.data.std)
-            if state.step % t.ckpt_every == 0 or end:
-                _check_finite(accelerator, bad_step)  # a bad state never becomes the latest checkpoint
+            paused = time.perf_counter()  # probes and saves do not count as training time
+            knn(state.step, method, accelerator, log)
+            if state.step % t.ckpt_every == 0 or end or stop:
+                _check_finite(accelerator, meter.bad_step)  # a bad state never becomes the latest checkpoint
                 ckpts.save(accelerator, state.step, asdict(state), config_text)
-            if end:
+            meter.t0 += time.perf_counter() - paused
+            if end or stop:
                 break
             tw = time.perf_counter()
         else:
@@ -205,8 +184,18 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
     bar.close()
     if trace:
         trace.close()
-    return {"output_dir": cfg.output_dir, "step": state.step, "losses": history,
+    if stop:
+        accelerator.print(f"preempted: stopped after step {state.step} with a checkpoint; continue with resume=auto")
+    return {"output_dir": cfg.output_dir, "step": state.step, "losses": history, "preempted": stop,
             "tensorboard": f"{cfg.output_dir}/tensorboard", "skipped": state.total_skipped}
+
+
+def _trace_file(cfg, accelerator):
+    """`train.trace_keys`: the sample keys this process trains on, one per line (audits of the data split)."""
+    if not cfg.train.trace_keys:
+        return None
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    return open(f"{cfg.output_dir}/keys_rank{accelerator.process_index}.txt", "a")
 
 
 def _check_finite(accelerator, bad_step: torch.Tensor) -> None:

@@ -4,7 +4,11 @@ A source is any of: a pretraining run directory (its latest complete checkpoint)
 (`model.safetensors` holding the method's state dict: encoder keys under `encoder.`, decoder keys beside them, plus the
 resolved `config.yaml`), an export directory (`encoder.safetensors` + `config.yaml`), or a plain weights file
 (`.safetensors`, or `.pth/.pt/.bin` read with `torch.load(weights_only=True)`: a timm or official-MAE ViT state dict,
-possibly nested under `model`). Nothing is unpickled beyond tensors, so loading never executes code.
+possibly nested under `model`). Nothing is unpickled beyond tensors, so loading never executes code, with one
+exception: a DeepSpeed checkpoint (`pytorch_model/`, ZeRO-1/2/3) is consolidated by DeepSpeed's `zero_to_fp32`, which
+unpickles DeepSpeed's own files, as resuming does; consolidate only checkpoints you trust (your own runs). FSDP's
+sharded checkpoints (`pytorch_model_fsdp_0/`, torch.distributed.checkpoint) are merged by accelerate's
+`merge_fsdp_weights`. Either way the encoder comes out whole, in fp32.
 
 Loading is strict: before any training step, every missing, unexpected or differently shaped tensor is listed, and a
 checkpoint of one architecture is refused for another with a message naming both. Only what a new task is expected to
@@ -15,6 +19,7 @@ evaluation resolution differs from pretraining.
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +36,10 @@ from ..methods import mask_mode_for
 ENCODER_FILE = "encoder.safetensors"
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"  # accelerate save_state's name for the (first) prepared model
+TRAIN_STATE = "trainer_state_0.json"  # in every mimtrain training checkpoint, whatever engine wrote the model
+DEEPSPEED_DIR = "pytorch_model"  # accelerate save_state under DeepSpeed: the engine's checkpoint (tag) directory
+FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"  # ... under FSDP with a sharded state dict (torch.distributed.checkpoint)
+FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # ... under FSDP with a full state dict
 HEAD = re.compile(r"(^|\.)(head|head_fc)\.")  # classification heads: never carried over to a new task
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "rel_index")  # rebuilt by the model for its geometry
 
@@ -75,16 +84,16 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.is_file() or (p / ENCODER_FILE).is_file() or (p / MODEL_FILE).is_file():
+    if p.is_file() or (p / ENCODER_FILE).is_file() or (p / MODEL_FILE).is_file() or (p / TRAIN_STATE).is_file():
         return p
     if (p / "checkpoints").is_dir():
         latest = Checkpoints(p).latest()
         if latest is None:
             raise LoadError(f"{p} is a run directory without a complete checkpoint (checkpoints/latest is missing)")
         return latest
-    if any(p.glob("pytorch_model*")) or any(p.glob("*zero*")):
-        raise LoadError(f"{p} holds a DeepSpeed ZeRO-sharded state: consolidate it first (accelerate's "
-                        "`zero_to_fp32.py`, or save with `stage3_gather_16bit_weights_on_model_save: true`)")
+    if any(p.glob("*zero_pp_rank*")) or any(p.glob("*_fsdp*")):
+        raise LoadError(f"{p} holds sharded DeepSpeed/FSDP states: pass the mimtrain checkpoint that contains them "
+                        "(step-N/, with config.yaml), or the run directory")
     found = sorted(x.name for x in p.iterdir())[:8]
     raise LoadError(f"{p} is neither a run directory, a checkpoint ({MODEL_FILE}) nor an export ({ENCODER_FILE}); "
                     f"it holds {found}")
@@ -136,7 +145,28 @@ def read_source(path: str | Path) -> Source:
     if not (p / CONFIG_FILE).is_file():
         raise LoadError(f"checkpoint {p} has no {CONFIG_FILE}: cannot tell which encoder it holds")
     cfg = yaml.safe_load((p / CONFIG_FILE).read_text())
-    return Source(_encoder_part(load_file(str(p / MODEL_FILE))), _spec_from_pretraining(cfg), str(p))
+    return Source(_encoder_part(method_state(p)), _spec_from_pretraining(cfg), str(p))
+
+
+def method_state(ckpt: Path) -> dict[str, Tensor]:
+    """The method's whole fp32 state dict from a training checkpoint, consolidating ZeRO and FSDP shards."""
+    if (ckpt / MODEL_FILE).is_file():
+        return load_file(str(ckpt / MODEL_FILE))
+    if (ckpt / DEEPSPEED_DIR).is_dir():  # fp32 master weights from every process's optimizer partition (ZeRO-1/2/3)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_DIR)
+        return {k: v.clone() for k, v in merged.items()}  # views into flat partitions: one storage per tensor
+    if (ckpt / FSDP_SHARDED_DIR).is_dir():
+        from accelerate.utils import merge_fsdp_weights
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_fsdp_weights(str(ckpt / FSDP_SHARDED_DIR), tmp, safe_serialization=True)
+            return load_file(f"{tmp}/{MODEL_FILE}")
+    if (ckpt / FSDP_FULL_FILE).is_file():
+        return torch.load(ckpt / FSDP_FULL_FILE, map_location="cpu", weights_only=True)
+    raise LoadError(f"{ckpt} holds no model weights ({MODEL_FILE}, {DEEPSPEED_DIR}/ or {FSDP_SHARDED_DIR}/): "
+                    "was the checkpoint interrupted while being copied?")
 
 
 # ---------------------------------------------------------------------------------------------------------- fitting

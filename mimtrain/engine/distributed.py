@@ -1,0 +1,113 @@
+"""How the trainer joins a launch: DDP, DeepSpeed ZeRO (stage 1-3, offload) or FSDP, on GPUs, or on CPUs (DDP and
+DeepSpeed over gloo: tests and debugging).
+
+`accelerate launch --config_file launch/accelerate/X.yaml` selects the mode through the environment
+(`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_USE_FSDP`). `make_accelerator` builds the one Accelerator that honours it, and
+`configure_deepspeed` fills the DeepSpeed values the recipe owns (micro-batch, accumulation, clipping), so one recipe
+trains unchanged under every launch config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from ..config import Config, ConfigError
+
+FSDP_NEEDS_GPU = (
+    "FSDP needs a GPU here: accelerate enables FSDP only on a GPU-class distributed type (MULTI_GPU, MULTI_XPU, ...); "
+    "without one it resolves MULTI_CPU or NO and ignores ACCELERATE_USE_FSDP, so every process would train an "
+    "unsharded copy of its own. On CPU use DDP (multi_gpu.yaml) or DeepSpeed (deepspeed_zero*.yaml).")
+
+
+def launch_mode() -> str:
+    """"deepspeed" | "fsdp" | "ddp" (DDP also covers a single process), as `accelerate launch` set it."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp"
+
+
+def make_accelerator(grad_accum: int, mixed_precision: str) -> Accelerator:
+    """The Accelerator for this launch. Refuses launches that would silently train each process alone."""
+    mode, cuda = launch_mode(), torch.cuda.is_available()
+    if mode == "fsdp" and not cuda:
+        raise ConfigError(FSDP_NEEDS_GPU)
+    if mode == "deepspeed" and importlib.util.find_spec("transformers") is None:
+        raise ConfigError("DeepSpeed through accelerate needs the `transformers` package (its DeepSpeed plugin imports "
+                          "transformers.integrations): pip install 'transformers>=4.46'")
+    handlers = []
+    if mode == "deepspeed" and not cuda:  # accelerate picks no backend without CUDA; DeepSpeed's comm needs one
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # cpu=True without CUDA lets `accelerate launch --multi_gpu` run DDP processes over gloo; DeepSpeed must see
+    # cpu=False, or accelerate switches it off.
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
+                              cpu=not cuda and mode == "ddp", kwargs_handlers=handlers)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"launched {launched} processes but the accelerator joined {accelerator.num_processes}: "
+                           "each would train alone (on CPU, launch with --multi_gpu, not --cpu)")
+    expected = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP}.get(mode)
+    if expected is not None and accelerator.distributed_type != expected:
+        raise RuntimeError(f"the launch asked for {mode} but accelerate set up {accelerator.distributed_type}")
+    return accelerator
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """DeepSpeed's ZeRO stage, 0 when not under DeepSpeed."""
+    if not is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"].get("stage", 0))
+
+
+def params_sharded(accelerator: Accelerator) -> bool:
+    """Whether parameters are partitioned over processes (ZeRO-3, FSDP): a forward is then a collective."""
+    return zero_stage(accelerator) == 3 or accelerator.distributed_type == DistributedType.FSDP
+
+
+def module_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """bf16/fp16 where the prepared module itself is half precision (DeepSpeed's mixed precision: the fp32 master
+    weights live in the optimizer), so float inputs must be cast to it, as HF's Trainer does; None elsewhere (inputs
+    stay fp32 and autocast picks the precision per op)."""
+    if not is_deepspeed(accelerator):
+        return None
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    return next((dt for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                 if ds.get(key, {}).get("enabled") is True), None)
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> Config:
+    """Fill the DeepSpeed config's 'auto' values from the recipe (before `prepare`); a launch config that pins one
+    to another value is refused, because the schedule, logs and checkpoints follow the recipe. Returns the config the
+    optimizer is built from.
+
+    DeepSpeed owns clipping and accumulation boundaries: `accelerator.clip_grad_norm_` does nothing under it, so
+    `optim.clip_grad` goes into `gradient_clipping` (0 = off)."""
+    if not is_deepspeed(accelerator):
+        return cfg
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    own = {"gradient_clipping": cfg.optim.clip_grad, "gradient_accumulation_steps": cfg.train.grad_accum,
+           "train_micro_batch_size_per_gpu": cfg.train.batch_size}  # we feed batches ourselves: no prepared loader
+    for key, value in own.items():
+        current = ds.get(key, "auto")
+        if current != "auto" and float(current) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={current} but the recipe gives {value}: set it in the "
+                              "recipe (optim.clip_grad, train.grad_accum, train.batch_size) and leave it 'auto' in the "
+                              "launch config")
+        ds[key] = value
+    if torch.cuda.is_available():
+        return cfg
+    # CPU runs (tests) keep torch's AdamW; under offload DeepSpeed would swap in its CPU Adam, a C++ op built on first
+    # use. Its fused CPU kernel stays off: it ran on ZeRO's flat partitions with torch 2.14 but is unverified with
+    # 2.11, and CPU DeepSpeed is a test path where speed does not matter.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, fused=False))

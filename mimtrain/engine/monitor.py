@@ -1,0 +1,76 @@
+"""k-NN top-1 every `train.knn_every` steps: a cheap progress signal while pretraining runs.
+
+The encoder being trained (unwrapped, eval mode, no grad) embeds `data.knn_train_shards` (the bank) and
+`data.val_shards` (the queries), both labelled; each process embeds its share of the shards and the features are
+gathered, then classified by `mimtrain.eval.knn.knn_classify` (the code of `mimtrain knn`; features are taken under
+autocast, classified in fp32). The main process logs `knn/top1` and
+`knn/top5`. Not under ZeRO-3 / FSDP: their forward is a collective over parameter shards, and the processes' shares of
+the labelled shards differ in size; evaluate the checkpoints with `mimtrain knn --from RUN` instead.
+
+Images are decoded in the main process (no DataLoader workers): a SIGTERM to the process group while the probe runs
+would kill torch's workers and fail the run before its preemption checkpoint (see `preempt.shield_workers`).
+
+The engine reaches into `eval/` here, against the one-way layout, on purpose: one k-NN implementation, imported
+lazily so the engine does not load the evaluation code unless the probe is on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from .distributed import module_dtype, params_sharded
+
+
+class KnnMonitor:
+    """Built before the first step (so bad settings are refused early); called after every optimizer step."""
+
+    def __init__(self, cfg: Config, accelerator):
+        self.every = cfg.train.knn_every
+        if not self.every:
+            return
+        if not (cfg.data.knn_train_shards and cfg.data.val_shards):
+            raise ConfigError("train.knn_every needs labelled shards: data.knn_train_shards (the k-NN bank) and "
+                              "data.val_shards (the queries)")
+        if params_sharded(accelerator):
+            raise ConfigError("train.knn_every is not available under ZeRO-3 or FSDP (the encoder's parameters are "
+                              "sharded); set train.knn_every=0 and run `mimtrain knn --from RUN` on the checkpoints")
+        from ..data.stream import expand_shards
+        from ..eval.common import num_classes
+        from ..eval.config import knn_defaults
+
+        base = knn_defaults()
+        self.cfg = dataclasses.replace(base, seed=cfg.seed, data=dataclasses.replace(
+            base.data, img_size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std,
+            num_workers=0, train_shards=cfg.data.knn_train_shards, val_shards=cfg.data.val_shards))
+        self.bank, self.queries = expand_shards(cfg.data.knn_train_shards), expand_shards(cfg.data.val_shards)
+        if min(len(self.bank), len(self.queries)) < accelerator.num_processes:
+            raise ConfigError(f"train.knn_every: every process embeds its own shards, so data.knn_train_shards and "
+                              f"data.val_shards need at least {accelerator.num_processes} shards each")
+        if not (Path(self.bank[0]).parent / "classes.json").is_file():
+            raise ConfigError("train.knn_every: no classes.json beside data.knn_train_shards (write labelled shards "
+                              "with `mimtrain make-shards` from an ImageFolder tree)")
+        self.num_classes = num_classes(self.cfg, self.bank)
+
+    def __call__(self, step: int, method, accelerator, log) -> None:
+        if not self.every or step % self.every:
+            return
+        from ..eval.common import eval_stream, resolve_pool, topk_correct
+        from ..eval.knn import knn_classify
+        from ..eval.linprobe import extract
+
+        encoder = accelerator.unwrap_model(method).encoder
+        was_training = encoder.training
+        encoder.eval()
+        pool = resolve_pool("auto", encoder, default_cls=True)
+        half = module_dtype(accelerator)  # DeepSpeed bf16/fp16 weights: autocast feeds them half-precision inputs
+        with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=half, enabled=half is not None):
+            bank, labels = extract(encoder, eval_stream(self.cfg, self.bank, accelerator), pool, self.cfg, accelerator)
+            feats, truth = extract(encoder, eval_stream(self.cfg, self.queries, accelerator), pool, self.cfg,
+                                   accelerator)
+        encoder.train(was_training)
+        scores = knn_classify(bank, labels, feats, self.num_classes, self.cfg.knn.k, self.cfg.knn.temperature)
+        top1, top5 = (100.0 * c.item() / max(len(truth), 1) for c in topk_correct(scores, truth))
+        log.scalars(step, {"knn/top1": top1, "knn/top5": top5})
