@@ -83,6 +83,16 @@ def build_from_checkpoint(cfg: EvalConfig, source: str, random_init: bool = Fals
     return model, spec
 
 
+def frozen_encoder(cfg: EvalConfig, source: str, acc: Accelerator,
+                   random_init: bool = False) -> tuple[nn.Module, EncoderSpec, str]:
+    """The checkpoint's encoder frozen in eval mode on the device, and its feature pooling (cls token where it has
+    one): what the linear probe and k-NN read features from."""
+    encoder, spec = build_from_checkpoint(cfg, source, random_init=random_init, num_classes=0)
+    encoder.requires_grad_(False)
+    encoder.eval().to(acc.device)
+    return encoder, spec, resolve_pool(cfg.encoder.pool, encoder, default_cls=True)
+
+
 def resolve_pool(cfg_pool: str, model: nn.Module, default_cls: bool) -> str:
     if cfg_pool == "auto":
         return "cls" if default_cls and hasattr(model, "forward_cls") else "avg"

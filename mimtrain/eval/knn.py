@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.stream import ShardStream
-from .common import (accelerator_for, build_from_checkpoint, eval_stream, num_classes, resolve_pool, shard_urls,
-                     start_run, topk_correct, write_results)
+from .common import (accelerator_for, eval_stream, frozen_encoder, num_classes, shard_urls, start_run, topk_correct,
+                     write_results)
 from .config import EvalConfig
 from .linprobe import extract
 
@@ -51,10 +51,7 @@ def knn(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     acc = accelerator_for(cfg)
     train_urls, val_urls = shard_urls(cfg)
     n_cls = num_classes(cfg, train_urls)
-    encoder, spec = build_from_checkpoint(cfg, source, random_init=random_init, num_classes=0)
-    encoder.requires_grad_(False)
-    encoder.eval().to(acc.device)
-    pool = resolve_pool(cfg.encoder.pool, encoder, default_cls=True)
+    encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)
     out = start_run(cfg, acc, {"num_classes": n_cls, "pool": pool, "random_init": random_init})
     metrics = knn_accuracy(encoder, eval_stream(cfg, train_urls, acc), eval_stream(cfg, val_urls, acc), cfg, acc,
                            pool, n_cls)

@@ -21,8 +21,8 @@ from ..data.stream import ShardStream, count_samples
 from ..data.transforms import pretrain_transform
 from ..engine.logging import RunLogger
 from ..engine.optim import build_schedule
-from .common import (accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate, num_classes, pooled,
-                     resolve_pool, shard_urls, start_run, topk_correct, write_results)
+from .common import (accelerator_for, batches, eval_stream, evaluate, frozen_encoder, num_classes, pooled, shard_urls,
+                     start_run, topk_correct, write_results)
 from .config import EvalConfig
 
 
@@ -64,10 +64,7 @@ def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     acc = accelerator_for(cfg)
     train_urls, val_urls = shard_urls(cfg)
     n_cls = num_classes(cfg, train_urls)
-    encoder, spec = build_from_checkpoint(cfg, source, random_init=random_init, num_classes=0)
-    encoder.requires_grad_(False)
-    encoder.eval().to(acc.device)
-    pool = resolve_pool(cfg.encoder.pool, encoder, default_cls=True)
+    encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)
     n_train = cfg.data.samples_per_epoch or count_samples(train_urls)
     d = derive(cfg, acc.num_processes, n_train)
     head = ProbeHead(encoder.embed_dim, n_cls).to(acc.device)
