@@ -14,8 +14,8 @@ Applied here, in this order:
   `dynamic=False` (fixed batch, image and mask sizes), `train.compile_mode` passed on.
 
 The rest of the fast path lives where it acts: bf16 autocast (`train.precision`, through accelerate), fused AdamW
-(`optim.fused`), pinned memory and non-blocking copies, masks and indices drawn in the loader workers (`data.stream`),
-host syncs only at log steps (`engine.trainer`).
+(`optim.fused`), pinned memory and non-blocking copies, masks drawn in the loader workers (`data.stream`; the gather
+indices are then a sync-free sort on the device), host syncs only at log steps (`engine.trainer`).
 """
 from __future__ import annotations
 
