@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml says which versions are supported; constraints.txt pins the ones the tests run on.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 .PHONY: install demo test bench

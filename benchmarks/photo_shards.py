@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shard-size", type=int, default=1000)
     args = parser.parse_args(argv)
     kb = write_photos(args.out / "images" / "photos", args.count, args.size, args.quality, args.noise, args.seed)
-    summary = make_shards(args.out / "images", args.out / "shards", shard_size=args.shard_size, verbose=False)
+    summary = make_shards(args.out / "images", args.out / "shards", shard_size=args.shard_size, verbose=False,
+                          overwrite=True)  # the images were just rewritten: replace the old shards
     print(f"wrote {summary['total']} JPEGs of {args.size[0]}x{args.size[1]} (mean {kb:.1f} KB) to {args.out}/shards")
     return summary
 

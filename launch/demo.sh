@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 DATA=demo_data
 [ -d "$DATA/images" ] || "$BIN/mimtrain" demo-data "$DATA/images"
-[ -f "$DATA/shards/index.json" ] || "$BIN/mimtrain" make-shards "$DATA/images" "$DATA/shards" --shard-size 200
+[ -f "$DATA/shards/index.json" ] || "$BIN/mimtrain" make-shards "$DATA/images" "$DATA/shards" --shard-size 200 --overwrite  # a half-written folder has no index.json
+# resume=auto: a second `make demo` continues (or, when finished, reuses) the run instead of being refused for
+# writing into a used output_dir.
 "$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    -m mimtrain pretrain --recipe recipes/pretrain/mae_vit_tiny_cpu.yaml "$@"
+    -m mimtrain pretrain --recipe recipes/pretrain/mae_vit_tiny_cpu.yaml resume=auto "$@"
 
 # Then the numbers: linear-probe the pretrained encoder and a randomly initialised one of the same architecture on the
 # labelled digits. Every 5th image of each class (in file order) is held out for validation, so the split is fixed.

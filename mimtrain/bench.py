@@ -144,7 +144,17 @@ def _median_row(runs: list[dict]) -> dict:
 
 def _split_recipe(item: str, args: argparse.Namespace) -> tuple[str, list[str]]:
     """'path k=v "k2={a: 1}"' -> (path, shared overrides + the recipe's own + --img-size)."""
-    parts = shlex.split(item)
+    try:
+        parts = shlex.split(item)
+    except ValueError as e:  # an unbalanced quote
+        raise ValueError(f"--recipe {item!r}: {e}") from None
+    if not parts:
+        raise ValueError("--recipe '': give a recipe path")
+    loose = [p for p in parts[1:] if "=" not in p]
+    if loose:  # `k={a: 1}` unquoted inside the argument splits at its space
+        raise ValueError(f"--recipe {item!r}: {loose[0]!r} is not a key=value override; a value with spaces needs "
+                         f"its own quotes inside the argument, e.g. --recipe '{parts[0]} \"encoder.kwargs={{embed_dim: "
+                         f"24}}\"'")
     extra = [f"data.img_size={args.img_size}"] if args.img_size else []
     return parts[0], list(args.overrides) + parts[1:] + extra
 
@@ -316,7 +326,7 @@ def _build_ours(cfg, batch: int, dev: torch.device):
     from .methods import build_method, mask_mode_for
 
     S = cfg.data.img_size
-    encoder = build_encoder(cfg.encoder.name, S, mask_unit=cfg.encoder.mask_unit or None,
+    encoder = build_encoder(cfg.encoder.name, S, mask_unit=cfg.encoder.mask_unit,
                             mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
                             drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
     masking = MaskingService.for_encoder(encoder, S, cfg.mask, cfg.seed)
@@ -335,7 +345,7 @@ def hf_config(cfg):
     from .encoders import build_encoder
 
     with torch.device("meta"):
-        enc = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit or None,
+        enc = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit,
                             mask_mode="drop", num_classes=0, **cfg.encoder.kwargs)
     if enc.mask_unit != enc.patch_size:
         raise ValueError(f"HF ViTMAE masks single patches: encoder.mask_unit ({enc.mask_unit}) must equal the patch "

@@ -2,7 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (accelerate, torchrun and DeepSpeed set RANK), or a plain single process: summaries are
+    printed once, not once per process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (refused with one line, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
 
 
 def _pretrain(args) -> None:
@@ -11,6 +29,8 @@ def _pretrain(args) -> None:
 
     cfg = load_config(args.recipe, args.overrides)
     summary = pretrain(cfg)
+    if not is_main_process():
+        return
     losses = summary["losses"]
     if losses:
         print(f"done: step {summary['step']}, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
@@ -21,7 +41,9 @@ def _pretrain(args) -> None:
 def _make_shards(args) -> None:
     from .data.shards import make_shards
 
-    make_shards(args.src, args.out_dir, shard_size=args.shard_size, split=args.split)
+    make_shards(args.src, args.out_dir, shard_size=args.shard_size, split=args.split, seed=args.seed,
+                shuffle=not args.no_shuffle, workers=args.workers, overwrite=args.overwrite,
+                image_column=args.image_column, label_column=args.label_column)
 
 
 def _demo_data(args) -> None:
@@ -32,10 +54,21 @@ def _demo_data(args) -> None:
 
 
 def _export(args) -> None:
-    from .eval.export import export
+    if args.format == "mimtrain":
+        from .eval.export import export
 
-    out = export(args.ckpt, args.out_dir)
-    print(f"exported encoder to {out} (encoder.safetensors + config.yaml)")
+        out = export(args.ckpt, args.out_dir)
+        print(f"exported encoder to {out} (encoder.safetensors + config.yaml; model.safetensors + config.json for "
+              "timm and mimtrain.hub)")
+    elif args.format == "timm-vit":
+        from .eval.export_formats import export_timm_vit
+
+        print(f"exported a plain timm ViT to {export_timm_vit(args.ckpt, args.out_dir)}")
+    else:
+        from .eval.export_formats import export_hf
+
+        for path in export_hf(args.ckpt, args.out_dir):
+            print(f"exported {path}")
 
 
 def _eval(kind: str):
@@ -52,13 +85,26 @@ def _eval(kind: str):
         else:
             from .eval.knn import knn
             res = knn(cfg, args.source, random_init=args.random_init)
-        print(f"{kind}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_val']} val images); "
+        if not is_main_process():
+            return
+        top5 = "n/a (fewer than 5 classes)" if res["top5"] is None else f"{res['top5']:.2f}%"
+        print(f"{kind}: top-1 {res['top1']:.2f}%  top-5 {top5}  ({res['num_val']} val images); "
               f"results: {cfg.output_dir}/results.json")
     return run
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mimtrain")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimtrain", description="Masked-image-modeling pretraining (MAE, SimMIM).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("pretrain", help="pretrain an encoder (one process; use `accelerate launch -m mimtrain`)")
@@ -69,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-shards", help="ImageFolder tree or saved HF dataset -> WebDataset tar shards")
     s.add_argument("src")
     s.add_argument("out_dir")
-    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    s.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
     s.add_argument("--split", default=None, help="split of a saved DatasetDict (default: train)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random order of samples across shards")
+    s.add_argument("--no-shuffle", action="store_true", help="keep the source order (sorted classes, sorted files)")
+    s.add_argument("--workers", type=positive_int, default=1, help="processes writing shards in parallel")
+    s.add_argument("--overwrite", action="store_true", help="clear a non-empty OUT_DIR first (refused otherwise)")
+    s.add_argument("--image-column", default=None, help="HF dataset: image column (default: image/img/pixel_values)")
+    s.add_argument("--label-column", default=None,
+                   help="HF dataset: label column (default: label/labels/fine_label; none found = unlabelled)")
     s.set_defaults(func=_make_shards)
 
     s = sub.add_parser("demo-data", help="write the embedded demo image set (scikit-learn digits) as an ImageFolder")
@@ -81,19 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="encoder weights (safetensors) + the config that rebuilds it, from a checkpoint")
     s.add_argument("ckpt", help="pretraining run dir (its latest checkpoint), checkpoint dir or export dir")
     s.add_argument("out_dir")
+    s.add_argument("--format", choices=("mimtrain", "timm-vit", "hf"), default="mimtrain",
+                   help="mimtrain: our layout plus timm's config.json (default); timm-vit: plain timm vit_* keys; "
+                        "hf: transformers ViTMAEForPreTraining (out_dir/vitmae) and ViTModel (out_dir/vit)")
     s.set_defaults(func=_export)
 
     for kind, text in (("finetune", "fine-tune a pretrained encoder for classification on labelled shards"),
                        ("linprobe", "linear probe (frozen encoder, BatchNorm + linear head, LARS)"),
                        ("knn", "weighted k-NN (k=20, T=0.07) on frozen, L2-normalised features")):
         s = sub.add_parser(kind, help=text)
-        s.add_argument("--recipe", help=f"YAML recipe (recipes/{kind}/...; only the differences from the defaults)")
+        where = f"recipes/{kind}/..." if kind != "knn" else "none shipped: the defaults are k=20, T=0.07"
+        s.add_argument("--recipe", help=f"YAML recipe ({where}; only the differences from the defaults)")
         s.add_argument("--from", dest="source", required=True,
                        help="pretraining run dir, checkpoint dir, export dir, or a weights file (timm/MAE ViT)")
         if kind != "finetune":
             s.add_argument("--random-init", action="store_true",
                            help="evaluate the same architecture with random weights (a baseline)")
-        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.val_shards=... train.epochs=10")
+        example = "knn.k=10" if kind == "knn" else "train.epochs=10"
+        s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. data.val_shards=... {example}")
         s.set_defaults(func=_eval(kind))
 
     from .bench import add_parser as _bench; _bench(sub)  # noqa: E702

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +20,18 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
 
+def default_workers(cap: int = 8) -> int:
+    """DataLoader workers per process when the recipe sets none: the CPUs this process may use, shared by the
+    processes of this node (LOCAL_WORLD_SIZE, set by accelerate/torchrun), at most `cap` (8 on a GPU host, 2 on a
+    2-core laptop, not 8 fighting over 2 cores)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 @dataclass
 class EncoderConfig:
     name: str = "mim_vit_base_patch16"  # any registered mimtrain encoder (timm name)
-    mask_unit: int = 0  # pixels per mask cell; 0 = the encoder's default
+    mask_unit: int | None = None  # pixels per mask cell; None = the encoder's default (0/negative are refused)
     drop_path_rate: float = 0.0
     kwargs: dict = field(default_factory=dict)  # extra architecture arguments (ablations, tiny test models)
 
@@ -55,7 +64,7 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     shuffle_buffer: int = 2000
-    num_workers: int = 8
+    num_workers: int = field(default_factory=default_workers)  # default: min(8, CPUs per process on this node)
     samples_per_epoch: int = 0  # 0 = read from the shards' index (written by make-shards) or count them once
 
 
@@ -80,6 +89,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     log_every: int = 20  # steps between logged scalars (and the only host syncs of the loss)
+    log_with: str = "tensorboard"  # accelerate tracker: tensorboard | wandb | mlflow (the last two: pip install them)
     image_every: int = 500  # steps between TensorBoard reconstruction grids (0 = off)
     ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
     keep_last: int = 3  # latest checkpoints kept (older ones are deleted once a newer one is complete; 0 = all)
@@ -88,6 +98,7 @@ class TrainConfig:
     knn_every: int = 0  # steps between k-NN top-1 probes on data.knn_train_shards -> data.val_shards (0 = off)
     progress: bool = True
     trace_keys: bool = False  # write the sample keys each process trains on to output_dir/keys_rank<r>.txt (audits)
+    dist_timeout_s: int = 0  # seconds before a stalled process fails its peers' collectives; 0 = torch's (30 min)
     # GPU fast path switches (engine/fastpath.py; `mimtrain bench` measures each on and off)
     compile: bool = False  # torch.compile the method's forward (encoder, drop-mode gather, decoder, loss)
     compile_mode: str = "default"  # "default" | "reduce-overhead" | "max-autotune" | "max-autotune-no-cudagraphs"
@@ -98,7 +109,8 @@ class TrainConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/mae_vit_base"
-    resume: str = ""  # "" (start fresh) | "auto" (latest complete checkpoint in output_dir) | a checkpoint dir
+    resume: str = ""  # "" (start fresh) | "auto" (newest complete checkpoint in output_dir) | a checkpoint dir
+    overwrite: bool = False  # a used output_dir is moved aside to <output_dir>.old-<time> (never deleted)
     seed: int = 0
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -157,67 +169,154 @@ def _unknown(key: str, choices: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+REPLACE = "!"  # `key!` (recipe key or `key!=value` override) replaces a mapping instead of merging into it
+
+
 def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
-    """Return `cfg` with `updates` (a nested dict) applied; unknown keys and wrong types raise ConfigError."""
+    """Return `cfg` with `updates` (a nested dict) applied; unknown keys and wrong types raise ConfigError.
+
+    The one merge of recipes, their `inherit`ed parents and command-line overrides: sections merge key by key, and
+    so do mapping values such as `encoder.kwargs` (`encoder.kwargs.depth=2` keeps the recipe's other kwargs). A key
+    written `name!` replaces the mapping `name` as a whole (`encoder.kwargs!={depth: 2}`).
+    """
     hints = typing.get_type_hints(type(cfg))
     fields = _fields(type(cfg))
     changes = {}
     for key, value in (updates or {}).items():
-        full = f"{prefix}{key}"
-        if key not in fields:
+        replace = isinstance(key, str) and key.endswith(REPLACE)
+        name = key[:-1] if replace else key
+        full = f"{prefix}{name}"
+        if name not in fields:
             raise _unknown(full, list(fields))
-        current = getattr(cfg, key)
+        current = changes.get(name, getattr(cfg, name))
+        if replace and not isinstance(current, dict):
+            raise ConfigError(f"{full}{REPLACE}: only mapping values (e.g. encoder.kwargs) can be replaced whole; "
+                              f"set {full} without '{REPLACE}'")
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of {list(_fields(type(current)))}, got {value!r}")
-            changes[key] = merge(current, value, full + ".")
+            changes[name] = merge(current, value, full + ".")
+        elif isinstance(current, dict) and not replace:
+            changes[name] = merge_mapping(current, _coerce(value, hints[name], full))
         else:
-            changes[key] = _coerce(value, hints[key], full)
+            changes[name] = _coerce(value, hints[name], full)
     return dataclasses.replace(cfg, **changes)
 
 
+def merge_mapping(base: dict, new: dict) -> dict:
+    """`new` merged into `base` key by key, nested mappings too; a key `k!` replaces `base[k]` whole."""
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(k, str) and k.endswith(REPLACE):
+            out[k[:-1]] = v
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_mapping(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
 def parse_override(item: str) -> dict:
-    """'train.max_steps=20' -> {'train': {'max_steps': 20}} (the value is parsed as YAML)."""
+    """'train.max_steps=20' -> {'train': {'max_steps': 20}} (the value is parsed as YAML); 'a.b!=...' -> {'a': {'b!':
+    ...}} (replace, see `merge`)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote the whole "
+                          "override as one shell argument, e.g. \"encoder.kwargs={depth: 2, embed_dim: 24}\"") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{item}': empty key part in '{key}'")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
-    """Defaults <- recipe YAML (and the recipes it `inherit`s) <- dotted overrides."""
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), base: Any = None) -> Any:
+    """Defaults <- recipe YAML (and the recipes it `inherit`s, parents first) <- dotted overrides, all through
+    `merge`; then every value's range is checked (`check_values`) before anything expensive runs."""
     cfg = base or Config()
     if recipe:
-        cfg = merge(cfg, _read_recipe(Path(recipe)))
+        for path, layer in recipe_layers(Path(recipe)):
+            try:
+                cfg = merge(cfg, layer)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     for item in overrides:
         cfg = merge(cfg, parse_override(item))
+    check_values(cfg)
     return cfg
 
 
-def _read_recipe(path: Path) -> dict:
+def recipe_layers(path: Path, _chain: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """[(file, its mapping without `inherit`)], the farthest parent first. `inherit:` is relative to the file."""
     if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        if _chain:
+            raise ConfigError(f"{_chain[-1]}: inherit: {path.name} not found (looked at {path.resolve()})")
+        raise ConfigError(f"recipe not found: {path} (looked at {path.resolve()})")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"inherit cycle: {cycle}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping")
     parent = data.pop("inherit", None)
-    if parent:
-        return _deep_update(_read_recipe(path.parent / parent), data)
-    return data
+    if not parent:
+        return [(path, data)]
+    return recipe_layers(path.parent / parent, (*_chain, path.resolve())) + [(path, data)]
 
 
-def _deep_update(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: problem' from a PyYAML error (no multi-line snippet)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+# Range checks, by dotted key, for whichever config root has the key (pretraining, evaluation, dense runs); a key
+# that is absent or None (evaluation: "the source's") is not checked.
+POSITIVE = ("train.batch_size", "train.grad_accum", "train.log_every", "train.ckpt_every", "train.eval_batch_size",
+            "train.epochs", "train.iters", "train.preempt_check_every", "data.img_size")
+NON_NEGATIVE = ("train.max_steps", "train.knn_every", "train.image_every", "train.keep_last", "train.keep_every",
+                "train.eval_every", "data.num_workers", "data.samples_per_epoch", "optim.warmup_epochs",
+                "data.shuffle_buffer", "train.dist_timeout_s")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not hasattr(cfg, part):
+            return None
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_values(cfg: Any) -> None:
+    """Refuse values that are out of range, naming the key, before any data is read or model built."""
+    for key in POSITIVE:
+        v = _get(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key} must be > 0, got {v}")
+    for key in NON_NEGATIVE:
+        v = _get(cfg, key)
+        if v is not None and v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}" + (" (0 = no hard stop)" if key.endswith("max_steps")
+                                                                 else ""))
+    scale = _get(cfg, "data.crop_scale")
+    if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), "
+                          f"got {list(scale)}")
+    ratio = _get(cfg, "mask.ratio")
+    if ratio is not None and not 0 < ratio < 1:
+        raise ConfigError(f"mask.ratio must be in (0, 1), got {ratio}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -267,6 +366,7 @@ class Derived:
 
 
 def derive(cfg: Config, world_size: int, samples_per_epoch: int) -> Derived:
+    check_values(cfg)  # configs built in code (not through load_config) meet the same ranges
     t, o = cfg.train, cfg.optim
     eff = t.batch_size * world_size * t.grad_accum
     lr = o.lr if o.lr > 0 else o.blr * eff / o.lr_base_batch

@@ -83,9 +83,16 @@ class MaskingService:
             raise ValueError(f"mask.generator must be 'random' or 'block', got {mask_cfg.generator!r}")
         if not 0.0 < mask_cfg.ratio < 1.0:
             raise ValueError(f"mask.ratio must be in (0, 1), got {mask_cfg.ratio}")
-        return cls(grid=(h // encoder.mask_unit, w // encoder.mask_unit), mode=encoder.mask_mode,
-                   ratio=mask_cfg.ratio, seed=seed, generator=mask_cfg.generator, min_block=mask_cfg.min_block,
-                   max_aspect=mask_cfg.max_aspect)
+        service = cls(grid=(h // encoder.mask_unit, w // encoder.mask_unit), mode=encoder.mask_mode,
+                      ratio=mask_cfg.ratio, seed=seed, generator=mask_cfg.generator, min_block=mask_cfg.min_block,
+                      max_aspect=mask_cfg.max_aspect)
+        units = service.grid[0] * service.grid[1]
+        if not 0 < service.n_hidden < units:  # nothing to predict (NaN loss at step 1), or nothing left to see
+            raise ValueError(f"mask.ratio={mask_cfg.ratio} hides {service.n_hidden} of the {units} mask units "
+                             f"({service.grid[0]}x{service.grid[1]} grid of {encoder.mask_unit} px at {h}x{w}); "
+                             f"at least 1 and at most {units - 1} must be hidden: use a ratio in "
+                             f"[1/{units}, {units - 1}/{units}] = [{1 / units:.4g}, {(units - 1) / units:.4g}]")
+        return service
 
     @property
     def n_hidden(self) -> int:

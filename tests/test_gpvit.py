@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mimtrain.encoders import build_encoder
 from mimtrain.encoders.gpvit import GPViT, GroupPropagationBlock, LePEAttention
 
-TINY = dict(embed_dim=24, depth=3, num_heads=4, gp_positions=(1, 3), group_nums=(8, 4), group_heads=2, stem_chs=8)
+TINY = dict(embed_dim=24, depth=3, num_heads=4, gp_positions=(0, 2), group_nums=(8, 4), group_heads=2, stem_chs=8)
 
 
 @pytest.mark.parametrize("name,paper_m", [("gpvit_l1", 9.3), ("gpvit_l2", 23.8), ("gpvit_l3", 36.2),

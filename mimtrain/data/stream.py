@@ -1,17 +1,29 @@
-"""Streaming WebDataset pipeline with fixed-length epochs and an exactly resumable position.
+"""Streaming WebDataset pipeline with true epochs, any shard count and an exactly resumable position.
 
-Per epoch, the shard list is shuffled from (seed, epoch), split by rank (`shards[rank::world]`) and then by stream
-(`[stream::num_streams]`, one stream per DataLoader worker). A stream reads its tars (webdataset), shuffles through
-a seeded buffer, skips+counts undecodable samples, augments with a per-sample seed, batches, and draws masks in
-collate. Each batch carries its stream's position (pass, raw samples read), so a checkpoint can record exactly where
-every stream stopped; a resumed stream replays its deterministic raw order and skips what was already consumed
-before decoding anything. We split ranks/workers ourselves (not `wds.split_by_*`) because resume must know which
-stream produced each batch, and rotate streams over workers so the DataLoader's round-robin order is preserved.
+An epoch is one walk over a sequence of samples: the shards in an order shuffled from (seed, epoch), laid end to end
+(a second, reshuffled lap follows only if the epoch asks for more samples than the shards hold). Every process takes
+the same number of whole batches, and every DataLoader worker (a *stream*) a contiguous run of that sequence: stream s
+of rank r supplies that rank's batches s, s + W, ... (the DataLoader's round-robin order), so its run is as long as
+those batches. Runs may start or end inside a shard (the stream reads that shard and skips what is not its own), so
+1 shard feeds any number of processes x workers, and no sample is read twice in an epoch: only the samples after the
+last whole batch of all processes (fewer than processes x batch x grad_accum) are left out, a different tail each
+epoch. We plan this ourselves rather than with `wds.split_by_node/split_by_worker`, which deal whole shards: with
+uneven counts they make uneven epochs, and exact resume must know which stream produced each batch.
+
+A stream reads its tars (webdataset's `tarfile_samples`, with a handler that counts and skips unreadable members and
+truncated shards), shuffles through a seeded buffer, decodes and augments with a per-sample seed, batches, and draws
+masks in collate. Each batch carries its stream's position (round, raw samples read), so a checkpoint records exactly
+where every stream stopped; a resumed stream replays its deterministic raw order and skips what was consumed before
+decoding anything. A stream that runs short (undecodable samples) tops up with a second round of its own run.
+Shards whose sample counts are unknown (remote URLs) are dealt whole, one stream each, and must number at least
+processes x workers.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import io
+import itertools
 import json
 import os
 import random
@@ -48,7 +60,7 @@ def expand_shards(spec: str, check: bool = True) -> list[str]:
                 urls += sorted(glob.glob(path))
             else:
                 urls.append(path)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if not _remote(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if check and missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]} (from spec '{spec}')")
@@ -57,24 +69,70 @@ def expand_shards(spec: str, check: bool = True) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int:
-    """Samples in local shards: from make-shards' index.json where present, else by reading the tar headers."""
+def _remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def _index(folder: str) -> dict:
+    path = Path(folder, INDEX_NAME)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _count_tar(url: str) -> int:
+    """Samples in a tar without an index entry: image members, from the headers only."""
+    try:
+        with tarfile.open(url) as tar:
+            return len({m.name.split(".", 1)[0] for m in tar.getmembers()
+                        if m.name.rsplit(".", 1)[-1].lower() in _IMAGE_KEYS})
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"shard {url} is not a readable tar file ({type(e).__name__}: {e}); rewrite it with "
+                         "`mimtrain make-shards` or drop it from the shard list") from e
+
+
+@functools.lru_cache(maxsize=16)  # keyed by the files' (size, mtime) too: a rewritten shard folder is read again
+def _sizes(urls: tuple[str, ...], stamps: tuple) -> tuple[int, ...]:
     indexes: dict[str, dict] = {}
-    total = 0
+    sizes = []
     for url in urls:
-        if "://" in url or url.startswith("pipe:"):
-            raise ValueError(f"cannot count samples of remote shard {url}: set data.samples_per_epoch")
         folder, name = os.path.split(url)
         if folder not in indexes:
-            idx = Path(folder, INDEX_NAME)
-            indexes[folder] = json.loads(idx.read_text()).get("shards", {}) if idx.exists() else {}
-        if name in indexes[folder]:
-            total += indexes[folder][name]
-        else:
-            with tarfile.open(url) as tar:
-                total += len({m.name.split(".", 1)[0] for m in tar.getmembers()
-                              if m.name.rsplit(".", 1)[-1].lower() in _IMAGE_KEYS})
-    return total
+            indexes[folder] = _index(folder).get("shards", {})
+        sizes.append(indexes[folder][name] if name in indexes[folder] else _count_tar(url))
+    return tuple(sizes)
+
+
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Samples per shard (make-shards' index.json where present, else the tar headers); None for remote shards."""
+    if any(_remote(u) for u in urls):
+        return None
+    paths = [*urls, *(os.path.join(f, INDEX_NAME) for f in dict.fromkeys(os.path.dirname(u) for u in urls))]
+    return list(_sizes(tuple(urls), tuple(_stamp(p) for p in paths)))
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in local shards: from make-shards' index.json where present, else by reading the tar headers."""
+    sizes = shard_sizes(urls)
+    if sizes is None:
+        raise ValueError(f"cannot count samples of remote shards ({next(u for u in urls if _remote(u))}): set "
+                         "data.samples_per_epoch")
+    return sum(sizes)
+
+
+def require_labels(urls: list[str], purpose: str) -> None:
+    """Refuse shards that make-shards wrote as unlabelled (before any model is built or step taken)."""
+    for folder in dict.fromkeys(os.path.dirname(u) for u in urls if not _remote(u)):
+        if _index(folder).get("labelled") is False:
+            raise ValueError(f"{purpose} needs labelled shards, and those in {folder} are unlabelled (index.json: "
+                             f"written from data with no label column); point it at shards made from an ImageFolder "
+                             "tree or with --label-column")
 
 
 class ShardStream(IterableDataset):
@@ -83,20 +141,24 @@ class ShardStream(IterableDataset):
     Args:
         urls: shard URLs (all ranks'). transform: PIL -> tensor, applied under a per-sample seed; a transform with
             `takes_bytes` gets the encoded image and decodes it itself (`PretrainTransform`).
-        num_batches: batches this rank yields per epoch (fixed length; streams repeat their shards if short);
-            None = one pass over this rank's shards with a partial last batch (evaluation, tests).
-        start: resume point {"consumed": batches already consumed this epoch, "streams": {s: [pass, raw]}}.
+        num_batches: batches this rank yields per epoch (every rank the same; whole batches of one walk over the
+            shards, or more with repeats); None = this rank's share of one walk, with a partial last batch
+            per stream (evaluation).
+        start: resume point {"consumed": batches already consumed this epoch, "streams": {s: [round, raw]}}.
+        sizes: samples per shard (default: `shard_sizes(urls)`).
     """
 
     def __init__(self, urls: list[str], transform: Callable, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_streams: int = 1, masking: MaskingService | None = None,
                  num_batches: int | None = None, shuffle_buffer: int = 1000, epoch: int = 0,
-                 start: dict | None = None, shuffle_shards: bool = True):
+                 start: dict | None = None, shuffle_shards: bool = True, sizes: list[int] | None = None):
         super().__init__()
-        if len(urls) < world_size:
-            raise ValueError(f"{len(urls)} shard(s) cannot feed {world_size} processes: write more, smaller shards "
-                             "(make-shards --shard-size)")
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+        self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
+        if self.sizes is None and len(urls) < world_size * num_streams:
+            raise ValueError(f"{len(urls)} remote shard(s) of unknown size cannot feed {world_size} process(es) x "
+                             f"{num_streams} worker(s): they are dealt whole, so write at least "
+                             f"{world_size * num_streams} shards (make-shards --shard-size), or fewer workers")
         self.seed, self.rank, self.world_size, self.num_streams = seed, rank, world_size, num_streams
         self.masking, self.num_batches, self.shuffle_buffer = masking, num_batches, shuffle_buffer
         self.shuffle_shards = shuffle_shards
@@ -105,38 +167,78 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int, start: dict | None = None) -> None:
         self.epoch, self.start = epoch, start or {}
 
-    # ---- which shards, how many batches
-    def _shards(self, stream: int, pass_: int) -> list[str]:
-        urls = list(self.urls)
+    # ---- which samples, how many batches
+    def _order(self, lap: int) -> list[int]:
+        order = list(range(len(self.urls)))
         if self.shuffle_shards:
-            random.Random(sample_seed("shards", self.seed, self.epoch, pass_)).shuffle(urls)
-        return urls[self.rank::self.world_size][stream::self.num_streams]
+            random.Random(sample_seed("shards", self.seed, self.epoch, lap)).shuffle(order)
+        return order
 
-    def _quota(self, stream: int) -> int | None:
-        """Batches `stream` yields this epoch, minus those a resumed run already consumed."""
+    def _batches(self, stream: int) -> int | None:
+        """Whole batches `stream` supplies this epoch (its rank's batches stream, stream + W, ...)."""
         if self.num_batches is None:
             return None
         n, w = self.num_batches, self.num_streams
-        total = n // w + (stream < n % w)
-        consumed = self.start.get("consumed", 0)
-        done = consumed // w + (stream < consumed % w)
-        return total - done
+        return n // w + (stream < n % w)
+
+    def _span(self, stream: int) -> tuple[int, int]:
+        """[first, end) of this stream's run in the epoch's sequence of samples (laps laid end to end)."""
+        w, b = self.num_streams, self.batch_size
+        if self.num_batches is None:  # one walk split evenly, no sample dropped
+            total, g, streams = sum(self.sizes), self.rank * w + stream, self.world_size * w
+            return total * g // streams, total * (g + 1) // streams
+        first = self.rank * self.num_batches * b + sum(self._batches(s) for s in range(stream)) * b
+        return first, first + self._batches(stream) * b
+
+    def _pieces(self, stream: int) -> list[tuple[str, int, int | None, int]]:
+        """(url, first, stop, lap): the shard slices of this stream's run; stop None = to the end of the tar (so
+        samples an index does not count are still read)."""
+        if self.sizes is None:  # whole shards, dealt round-robin over every stream of every rank
+            g, streams = self.rank * self.num_streams + stream, self.world_size * self.num_streams
+            return [(self.urls[i], 0, None, 0) for i in self._order(0)[g::streams]]
+        first, end = self._span(stream)
+        total, pieces, lap = sum(self.sizes), [], first // max(1, sum(self.sizes))
+        pos = lap * total
+        while pos < end and total:
+            for i in self._order(lap):
+                lo, hi = max(first, pos), min(end, pos + self.sizes[i])
+                if lo < hi:
+                    pieces.append((self.urls[i], lo - pos, None if hi == pos + self.sizes[i] else hi - pos, lap))
+                pos += self.sizes[i]
+                if pos >= end:
+                    break
+            lap += 1
+        return pieces
+
+    def _quota(self, stream: int) -> int | None:
+        """Batches `stream` yields this epoch, minus those a resumed run already consumed."""
+        total = self._batches(stream)
+        if total is None:
+            return None
+        consumed, w = self.start.get("consumed", 0), self.num_streams
+        return total - (consumed // w + (stream < consumed % w))
 
     # ---- one stream
-    def _raw(self, stream: int, pass_: int, counters: dict) -> Iterator[dict]:
+    def _raw(self, stream: int, round_: int, counters: dict) -> Iterator[dict]:
         def handler(exn: Exception) -> bool:  # unreadable tar member or truncated shard: count and go on
             counters["skipped"] += 1
             return True
-        src = ({"url": u} for u in self._shards(stream, pass_))
-        samples = wds.tariterators.tarfile_samples(src, handler=handler)
-        seed = sample_seed("buffer", self.seed, self.epoch, pass_, self.rank, stream)
-        return wds.filters.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), seed=seed)(samples)
 
-    def _decode(self, sample: dict, pass_: int, counters: dict):
+        def read() -> Iterator[dict]:
+            for url, first, stop, lap in self._pieces(stream):
+                samples = wds.tariterators.tarfile_samples(iter([{"url": url}]), handler=handler)
+                for sample in itertools.islice(samples, first, stop):
+                    sample["__lap__"] = lap
+                    yield sample
+        seed = sample_seed("buffer", self.seed, self.epoch, round_, self.rank, stream)
+        return wds.filters.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), seed=seed)(read())
+
+    def _decode(self, sample: dict, round_: int, counters: dict):
         ext = next((e for e in _IMAGE_KEYS if e in sample), None)
         key = f"{os.path.basename(sample.get('__url__', ''))}/{sample['__key__']}"
-        if pass_:
-            key = f"{key}#{pass_}"  # a repeated pass inside one epoch gets fresh crops and masks
+        repeat = sample.get("__lap__", 0) + round_
+        if repeat:
+            key = f"{key}#{repeat}"  # a sample read again in one epoch gets fresh crops and masks
         try:
             if ext is None:
                 raise ValueError("no image")
@@ -166,32 +268,34 @@ class ShardStream(IterableDataset):
     def _stream(self, stream: int) -> Iterator[dict]:
         quota = self._quota(stream)
         saved = self.start.get("streams", {})
-        pass_, raw = saved.get(stream, saved.get(str(stream), (0, 0)))
+        round_, raw = saved.get(stream, saved.get(str(stream), (0, 0)))
         counters = {"skipped": 0}
         produced, items = 0, []
         while quota is None or produced < quota:
             n_read, decoded = 0, 0
-            for n_read, sample in enumerate(self._raw(stream, pass_, counters), start=1):
+            for n_read, sample in enumerate(self._raw(stream, round_, counters), start=1):
                 if n_read <= raw:
                     continue  # consumed before the checkpoint: skip before decoding
-                item = self._decode(sample, pass_, counters)
+                item = self._decode(sample, round_, counters)
                 if item is None:
                     continue
                 items.append(item)
                 decoded += 1
                 if len(items) == self.batch_size:
-                    yield self._collate(items, [stream, pass_, n_read], counters)
+                    yield self._collate(items, [stream, round_, n_read], counters)
                     items, produced = [], produced + 1
                     if quota is not None and produced >= quota:
                         return
             if quota is None:
                 if items:
-                    yield self._collate(items, [stream, pass_, n_read], counters)
+                    yield self._collate(items, [stream, round_, n_read], counters)
                 return
             if decoded == 0 and raw == 0:
-                raise RuntimeError(f"stream {stream} of rank {self.rank} decoded no sample from its shards "
-                                   f"{self._shards(stream, pass_)[:3]} (all missing or corrupt?)")
-            pass_, raw = pass_ + 1, 0  # fixed-length epoch: go round this stream's shards again
+                pieces = self._pieces(stream)
+                raise RuntimeError(f"stream {stream} of rank {self.rank} decoded no image from its {len(pieces)} "
+                                   f"shard slice(s), e.g. {[p[0] for p in pieces[:3]]}: {counters['skipped']} "
+                                   "unreadable; are these image shards written by `mimtrain make-shards`?")
+            round_, raw = round_ + 1, 0  # short of whole batches (undecodable samples): top up with another round
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -9,6 +9,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import timm
 import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,6 +53,39 @@ def check_image_size(img_size: int | tuple[int, int], mask_unit: int, name: str 
     return h, w
 
 
+def resolve_mask_unit(mask_unit: int | None, default: int, step: int, name: str) -> int:
+    """The encoder's mask unit: None = its default; otherwise a positive multiple of `step` (its token size), or a
+    ValueError. Zero and negative units are refused rather than mapped to the default or to negative grids."""
+    if mask_unit is None:
+        return default
+    if isinstance(mask_unit, bool) or not isinstance(mask_unit, int) or mask_unit <= 0:
+        raise ValueError(f"{name}: mask_unit must be a positive number of pixels (a multiple of {step}), got "
+                         f"{mask_unit!r}; leave encoder.mask_unit unset for the default ({default})")
+    if mask_unit % step:
+        raise ValueError(f"{name}: mask_unit {mask_unit} must be a multiple of the patch size {step}")
+    return mask_unit
+
+
+def mae_init_linear(m: nn.Module) -> None:
+    """MAE's per-module init (`module.apply`): xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def mae_sincos_pos_embed(grid: tuple[int, int], dim: int) -> Tensor:
+    """MAE's fixed 2-D sin-cos table: [gh * gw, dim], tokens in raster order, channels [sin w | cos w | sin h | cos h]
+    (each a quarter, frequencies 1 / 10000^(i / (dim/4))), the layout of MAE's `get_2d_sincos_pos_embed`, so that
+    official MAE checkpoints (decoder included) see the positions they were trained with."""
+    # timm's interleaved layout is [sin h | cos h | sin w | cos w]: swapping the halves gives MAE's (w first).
+    table = build_sincos2d_pos_embed(list(grid), dim=dim, interleave_sin_cos=True)
+    return torch.cat([table[:, dim // 2:], table[:, :dim // 2]], dim=1)
+
+
 def mask_to_tokens(mask: Tensor, factor: int) -> Tensor:
     """Upsample a mask-unit grid to a finer token grid. mask: [B, Gh, Gw] -> [B, Gh*f, Gw*f]."""
     if factor == 1:
@@ -66,10 +100,17 @@ def visible_order(hidden: Tensor, hidden_units: int | None, tokens_per_unit: int
     `hidden_units` is the hidden mask units per image where the caller fixes it ahead (the fast path sets it from the
     mask ratio): V is then a Python constant, so there is no host sync and torch.compile sees one static shape; a
     batch that hides another count fails loudly (an asynchronous device check). None reads V from the mask, with
-    one host sync.
+    one host sync, and refuses rows that hide different counts: a rectangular gather of such a batch would carry
+    some rows' hidden tokens into the output.
     """
     if hidden_units is None:
-        n_visible = hidden.shape[1] - int(hidden[0].sum())  # host sync: one per step
+        counts = hidden.sum(1)
+        low, high = (int(c) for c in torch.aminmax(counts))  # host sync: one per step
+        if low != high:
+            raise ValueError(f"drop mode needs every image to hide the same number of tokens, but this batch hides "
+                             f"between {low} and {high} (per image: {counts.tolist()[:16]}); build masks with "
+                             "mimtrain's masking service, which fixes the count per image")
+        n_visible = hidden.shape[1] - low
     else:
         n_visible = hidden.shape[1] - hidden_units * tokens_per_unit
         torch._assert_async((hidden.sum(1) == hidden.shape[1] - n_visible).all(),
@@ -108,12 +149,31 @@ def build_encoder(name: str, img_size: int, mask_unit: int | None = None, **kwar
         raise ValueError(f"unknown encoder '{name}'" + (f"; did you mean one of {close[:8]}?" if close else ""))
     if mask_unit is not None:
         kwargs["mask_unit"] = mask_unit
-    model = timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+    except TypeError as e:  # a typo in encoder.kwargs, or a value of the wrong kind: one line naming it
+        raise ValueError(_kwargs_problem(name, kwargs, e)) from None
     if not isinstance(model, MIMEncoder):
         raise TypeError(f"'{name}' is a timm model but not a mimtrain encoder (no encode/mask_mode); "
                         "use one of mimtrain's registered encoders")
     check_image_size(img_size, model.mask_unit, name)
     return model
+
+
+def _kwargs_problem(name: str, kwargs: dict, err: TypeError) -> str:
+    """The TypeError of a model __init__ as a config message: the bad key and the encoder, no traceback."""
+    import re
+
+    bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    if bad:
+        return (f"encoder.kwargs: {name} has no argument '{bad.group(1)}' ({type_name(err)}); check its spelling "
+                f"in the recipe or override (given: {sorted(k for k in kwargs if k != 'mask_unit')})")
+    return f"encoder.kwargs: cannot build {name} with {kwargs}: {err}"
+
+
+def type_name(err: TypeError) -> str:
+    """'VisionTransformer.__init__() got ...' -> 'VisionTransformer.__init__'."""
+    return str(err).split("(")[0].strip() or "its constructor"
 
 
 def strip_timm_kwargs(kwargs: dict) -> dict:

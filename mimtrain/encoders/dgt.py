@@ -17,10 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, trunc_normal_
-from timm.models import register_model
 from torch import Tensor, nn
 
-from .base import blank_hidden_pixels, fill_tokens, strip_timm_kwargs
+from . import timm_glue
+from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 __all__ = ["DGT", "DGAttention", "GlobalAttention", "dg_plan", "dynamic_group_attention", "group_layout",
            "nearest_centroid"]
@@ -185,10 +185,12 @@ class GlobalAttention(nn.Module):
 class DGAttention(GlobalAttention):
     """Dynamic group attention with EMA-updated centroids (paper Sec. 3.1).
 
-    Centroids are a persistent buffer [h, G, d] (unit vectors) so they travel in checkpoints. In training mode each
-    forward updates them by Eq. 3-4: e_j <- Norm(tau * e_j + (1 - tau) * mean_i Norm(q_i in group j)), pooled over the
-    batch; empty groups keep their centroid. The paper sets tau = 0.1 x learning rate; `DGT.set_centroid_tau` lets a
-    trainer follow the schedule.
+    Centroids are a persistent buffer [h, G, d] (unit vectors) so they travel in checkpoints. In training mode they
+    are updated by Eq. 3-4: e_j <- Norm(tau * e_j + (1 - tau) * mean_i Norm(q_i in group j)), pooled over the
+    batch; empty groups keep their centroid. The paper updates once per iteration: once a trainer drives the
+    encoder's `on_step` hook (once per optimizer step), each hook call arms one update, made by the step's first
+    training forward, so gradient accumulation does not multiply the updates. Without the hook every training
+    forward updates. The paper sets tau = 0.1 x learning rate; `DGT.set_centroid_tau` lets a trainer follow it.
     """
 
     def __init__(self, dim: int, num_heads: int, num_groups: int = 48, topk: int = 98, cosine: bool = False,
@@ -197,6 +199,7 @@ class DGAttention(GlobalAttention):
         self.num_groups = num_groups
         self.topk = topk
         self.centroid_tau = centroid_tau
+        self.update_armed: bool | None = None  # None: no step hook, update every training forward (see above)
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_groups, self.head_dim), dim=-1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -206,13 +209,21 @@ class DGAttention(GlobalAttention):
         if self.topk >= N:
             # Every group would select every key: exactly global attention, computed directly.
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            if self.training:
+            if self._take_update():
                 self._update_centroids(q, nearest_centroid(q, self.centroids))
             return self._merge(out)
         out, assign = dynamic_group_attention(q, k, v, self.centroids, self.topk, scale)
-        if self.training:
+        if self._take_update():
             self._update_centroids(q, assign)
         return self._merge(out)
+
+    def _take_update(self) -> bool:
+        """Whether this forward updates the centroids (training only; at most once per armed step)."""
+        if not self.training or self.update_armed is False:
+            return False
+        if self.update_armed:
+            self.update_armed = False
+        return True
 
     @torch.no_grad()
     def _update_centroids(self, q: Tensor, assign: Tensor) -> None:
@@ -309,7 +320,7 @@ class DGTStage(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # The encoder
 # ----------------------------------------------------------------------------------------------------------------------
-class DGT(nn.Module):
+class DGT(timm_glue.TimmNative, nn.Module):
     """Dynamic Group Transformer + the mimtrain encoder contract (fill mode only; see `encoders/base.py`).
 
     The first token level is stride 4 (stem s2, then stage 1's merging s2): that is `patch_size` and where hidden
@@ -322,7 +333,7 @@ class DGT(nn.Module):
                  num_groups: int = 48, topk: int = 98,
                  mlp_ratio: float = 4.0, head_hidden: int = 1280, post_norm: bool = False, cosine_attn: bool = False,
                  centroid_tau: float = 1e-4, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 mask_unit: int | None = 32, mask_mode: str = "fill"):
+                 mask_unit: int | None = None, mask_mode: str = "fill"):
         super().__init__()
         if mask_mode != "fill":
             raise ValueError(f"DGT supports mask_mode 'fill' only (its convs and DG-attention need the full token "
@@ -330,9 +341,7 @@ class DGT(nn.Module):
         if not len(dims) == len(depths) == len(num_heads) == 4:
             raise ValueError("DGT has four stages: dims, depths and num_heads need four entries each")
         self.patch_size = 4
-        self.mask_unit = mask_unit or 32
-        if self.mask_unit % self.patch_size:
-            raise ValueError(f"mask_unit {self.mask_unit} must be a multiple of DGT's token size {self.patch_size}")
+        self.mask_unit = resolve_mask_unit(mask_unit, 32, self.patch_size, "DGT")
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if h % 32 or w % 32:
             raise ValueError(f"DGT image size {h}x{w} must be a multiple of 32 (its output stride)")
@@ -390,8 +399,13 @@ class DGT(nn.Module):
                 m.centroid_tau = tau
 
     def on_step(self, step: int, lr: float) -> None:
-        """Engine hook before each optimizer step: Eq. 4's tau follows the learning rate (tau = 0.1 x lr)."""
+        """Engine hook before each optimizer step: Eq. 4's tau follows the learning rate (tau = 0.1 x lr), and each
+        DG-attention layer may update its centroids once in this step (the paper's once per iteration), whatever
+        the number of accumulated micro-batches."""
         self.set_centroid_tau(0.1 * lr)
+        for m in self.modules():
+            if isinstance(m, DGAttention):
+                m.update_armed = True
 
     def _check_input(self, x: Tensor) -> None:
         H, W = x.shape[-2:]
@@ -444,20 +458,28 @@ def _dgt(**kwargs) -> DGT:
     return DGT(**strip_timm_kwargs(kwargs))
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "dgt_tiny": timm_glue.cfg("stem.0.conv", "head"),
+    "dgt_small": timm_glue.cfg("stem.0.conv", "head"),
+    "dgt_base": timm_glue.cfg("stem.0.conv", "head"),
+})
+
+
+@timm_glue.register
 def dgt_tiny(pretrained: bool = False, **kwargs) -> DGT:
     """DGT-T: 24M params, 4.3G FLOPs (paper Table 1/2)."""
     return _dgt(**{**dict(stem_dim=32, dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16)), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def dgt_small(pretrained: bool = False, **kwargs) -> DGT:
     """DGT-S: 51.76M params, 9.41G FLOPs; post-norm and cosine attention."""
     return _dgt(**{**dict(stem_dim=48, dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), post_norm=True,
                           cosine_attn=True), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def dgt_base(pretrained: bool = False, **kwargs) -> DGT:
     """DGT-B: 90.28M params, 16.4G FLOPs; post-norm and cosine attention."""
     return _dgt(**{**dict(stem_dim=64, dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), post_norm=True,

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import register_model
 from timm.models.gcvit import GlobalContextVit
 from torch import Tensor, nn
 
-from .base import blank_hidden_pixels, fill_tokens, strip_timm_kwargs
+from . import timm_glue
+from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 from .swin import resize_rel_pos_tables
 
 
-class GCViTEncoder(nn.Module):
+class GCViTEncoder(timm_glue.TimmNative, nn.Module):
     """timm GlobalContextVit + the mimtrain encoder contract (see `encoders/base.py`), fill mode only.
 
     Args:
@@ -58,9 +58,7 @@ class GCViTEncoder(nn.Module):
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.gcvit = GlobalContextVit(img_size=self.img_size, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
                                       num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
-        self.mask_unit = mask_unit or 32
-        if self.mask_unit % self.patch_size:
-            raise ValueError(f"mask_unit {self.mask_unit} must be a multiple of the stem stride {self.patch_size}")
+        self.mask_unit = resolve_mask_unit(mask_unit, 32, self.patch_size, "GC ViT")
         self.mask_mode = mask_mode
         self.num_prefix_tokens = 0
         self.embed_dim = self.gcvit.num_features
@@ -124,26 +122,36 @@ def _gcvit(size: str, **kwargs) -> GCViTEncoder:
     return GCViTEncoder(**{**_SIZES[size], **strip_timm_kwargs(kwargs)})
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "simmim_gcvit_xxtiny": timm_glue.cfg("gcvit.stem.conv1", "gcvit.head.fc"),
+    "simmim_gcvit_xtiny": timm_glue.cfg("gcvit.stem.conv1", "gcvit.head.fc"),
+    "simmim_gcvit_tiny": timm_glue.cfg("gcvit.stem.conv1", "gcvit.head.fc"),
+    "simmim_gcvit_small": timm_glue.cfg("gcvit.stem.conv1", "gcvit.head.fc"),
+    "simmim_gcvit_base": timm_glue.cfg("gcvit.stem.conv1", "gcvit.head.fc"),
+})
+
+
+@timm_glue.register
 def simmim_gcvit_xxtiny(pretrained: bool = False, **kwargs) -> GCViTEncoder:
     return _gcvit("xxtiny", **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_gcvit_xtiny(pretrained: bool = False, **kwargs) -> GCViTEncoder:
     return _gcvit("xtiny", **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_gcvit_tiny(pretrained: bool = False, **kwargs) -> GCViTEncoder:
     return _gcvit("tiny", **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_gcvit_small(pretrained: bool = False, **kwargs) -> GCViTEncoder:
     return _gcvit("small", **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_gcvit_base(pretrained: bool = False, **kwargs) -> GCViTEncoder:
     return _gcvit("base", **kwargs)

@@ -22,12 +22,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, DropPath, LayerNorm, LayerNorm2d, Mlp, PatchEmbed, trunc_normal_
-from timm.models import register_model
 from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from .base import blank_hidden_pixels, fill_tokens, strip_timm_kwargs
+from . import timm_glue
+from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 MIXERS = ("glmix", "attn", "hybrid")  # per-stage spatial mixer: GLMix, full MHSA, or the two alternating
 
@@ -203,7 +203,7 @@ class GLNetStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class GLNet(nn.Module):
+class GLNet(timm_glue.TimmNative, nn.Module):
     """GLNet + the mimtrain encoder contract (fill mode only; see `encoders/base.py`).
 
     Args:
@@ -220,7 +220,7 @@ class GLNet(nn.Module):
         local_kernel: depth-wise kernel of the GLMix local branch.
         num_classes: classification classes (0: no head).
         drop_path_rate: stochastic depth, linear over all blocks.
-        mask_unit: pixels per mask cell, a multiple of 4.
+        mask_unit: pixels per mask cell, a multiple of 4 (None = 32).
         mask_mode: only "fill" (local convs need the full grid).
     """
 
@@ -231,17 +231,16 @@ class GLNet(nn.Module):
                  num_heads: Sequence[int] | None = None, mlp_ratio: float = 4.0,
                  stage_mixers: Sequence[str] = ("glmix", "glmix", "glmix", "attn"), overlap_embed: bool = False,
                  conv_pos: bool = False, conv_ffn: bool = False, num_slots: int = 64, local_kernel: int = 5,
-                 num_classes: int = 1000, drop_path_rate: float = 0.0, mask_unit: int = 32, mask_mode: str = "fill"):
+                 num_classes: int = 1000, drop_path_rate: float = 0.0, mask_unit: int | None = None,
+                 mask_mode: str = "fill"):
         super().__init__()
         if mask_mode != "fill":
             raise ValueError(f"GLNet supports only mask_mode='fill' (its convs and slot pooling need the whole grid), "
                              f"got {mask_mode!r}")
-        if mask_unit % self.patch_size:
-            raise ValueError(f"mask_unit {mask_unit} must be a multiple of GLNet's patch size {self.patch_size}")
         if len(depths) != 4 or len(stage_mixers) != 4 or any(m not in MIXERS for m in stage_mixers):
             raise ValueError(f"GLNet needs 4 depths and 4 stage_mixers from {MIXERS}, got {depths}, {stage_mixers}")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.mask_unit = mask_unit
+        self.mask_unit = resolve_mask_unit(mask_unit, 32, self.patch_size, "GLNet")
         self.mask_mode = mask_mode
         dims = [embed_dim * 2 ** i for i in range(4)]
         num_heads = list(num_heads) if num_heads is not None else [max(1, d // 32) for d in dims]
@@ -345,25 +344,34 @@ _ADVANCED = dict(depths=(4, 4, 18, 4), mlp_ratio=3.0, stage_mixers=("glmix", "gl
                  overlap_embed=True, conv_pos=True, conv_ffn=True)
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "glnet_stl": timm_glue.cfg("patch_embed.proj", "head"),  # STL: a single-conv stem
+    "glnet_4g": timm_glue.cfg("patch_embed.conv1", "head"),
+    "glnet_9g": timm_glue.cfg("patch_embed.conv1", "head"),
+    "glnet_16g": timm_glue.cfg("patch_embed.conv1", "head"),
+})
+
+
+@timm_glue.register
 def glnet_stl(pretrained: bool = False, **kwargs) -> GLNet:
     """GLNet-STL: Swin-T layout, C 96, [2, 2, 6, 2], FFN x4 (30.3M params, 4.4G FLOPs in the paper)."""
     return _glnet(**{**dict(embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4.0), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def glnet_4g(pretrained: bool = False, **kwargs) -> GLNet:
     """GLNet-4G: advanced designs, C 64, [4, 4, 18, 4], FFN x3 (27.0M, 4.5G)."""
     return _glnet(**{**_ADVANCED, "embed_dim": 64, **kwargs})
 
 
-@register_model
+@timm_glue.register
 def glnet_9g(pretrained: bool = False, **kwargs) -> GLNet:
     """GLNet-9G: as 4G with C 96 (61M, 9.7G)."""
     return _glnet(**{**_ADVANCED, "embed_dim": 96, **kwargs})
 
 
-@register_model
+@timm_glue.register
 def glnet_16g(pretrained: bool = False, **kwargs) -> GLNet:
     """GLNet-16G: as 4G with C 128 (106M in the paper's Table 3, 16.7G)."""
     return _glnet(**{**_ADVANCED, "embed_dim": 128, **kwargs})

@@ -5,8 +5,9 @@ Sec. 3, Fig. 3 and Table 11:
 
 - convolutional stem (7x7 conv stride 2, 4x4 conv stride 4) -> image tokens at stride 8, plus a learned position
   embedding;
-- 12 layers at stride 8: GP blocks at layers {1, 4, 7, 10} (1-based) with {64, 32, 32, 16} group tokens, the rest
-  local attention blocks using LePE attention (CSWin's cross-shaped strips, strip size 2, 12 heads, FFN x4);
+- 12 layers at stride 8: GP blocks at layers {1, 4, 7, 10} counted from 0 (Fig. 3a reads L GP L L GP L L GP L L GP L)
+  with {64, 32, 32, 16} group tokens, the rest local attention blocks using LePE attention (CSWin's cross-shaped
+  strips, strip size 2, 12 heads, FFN x4);
 - GP block = feature grouping (cross-attention of learnable group tokens over image tokens, identity Q/V),
   group propagation (MLP-Mixer), feature ungrouping (image tokens query the groups; concatenation + projection
   instead of the first residual), FFN, depth-wise conv.
@@ -20,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
-from timm.models import register_model
 from torch import Tensor, nn
 
-from .base import blank_hidden_pixels, fill_tokens, strip_timm_kwargs
+from . import timm_glue
+from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -194,7 +195,7 @@ class GroupPropagationBlock(nn.Module):
         return z.flatten(2).transpose(1, 2)
 
 
-class GPViT(nn.Module):
+class GPViT(timm_glue.TimmNative, nn.Module):
     """GPViT encoder + the mimtrain encoder contract (fill mode only; see `encoders/base.py`).
 
     One stride-8 feature map (`feature_info`); `forward_pyramid` derives strides 4/8/16/32 from it for dense heads.
@@ -212,12 +213,11 @@ class GPViT(nn.Module):
                              f"whole token grid, so hidden tokens cannot be dropped); got {mask_mode!r}")
         if len(gp_positions) != len(group_nums):
             raise ValueError(f"gp_positions {gp_positions} and group_nums {group_nums} must have the same length")
-        if any(not 1 <= p <= depth for p in gp_positions):
-            raise ValueError(f"gp_positions {gp_positions} are 1-based layer indices and must lie in [1, {depth}]")
+        if any(not 0 <= p < depth for p in gp_positions) or len(set(gp_positions)) != len(gp_positions):
+            raise ValueError(f"gp_positions {gp_positions} are distinct layer indices counted from 0 and must lie in "
+                             f"[0, {depth - 1}]")
         self.patch_size = patch_size
-        self.mask_unit = mask_unit or 32
-        if self.mask_unit % patch_size:
-            raise ValueError(f"mask_unit {self.mask_unit} must be a multiple of the patch size {patch_size}")
+        self.mask_unit = resolve_mask_unit(mask_unit, 32, patch_size, "GPViT")
         self.mask_mode = mask_mode
         self.embed_dim = self.num_features = embed_dim
         self.num_prefix_tokens = 0
@@ -231,8 +231,8 @@ class GPViT(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: meta-device safe
         groups = dict(zip(gp_positions, group_nums))
         self.blocks = nn.ModuleList([
-            GroupPropagationBlock(embed_dim, groups[i + 1], group_heads, mlp_ratio, mixer_token_ratio,
-                                  mixer_channel_ratio, dpr[i]) if i + 1 in groups
+            GroupPropagationBlock(embed_dim, groups[i], group_heads, mlp_ratio, mixer_token_ratio,
+                                  mixer_channel_ratio, dpr[i]) if i in groups
             else LocalBlock(embed_dim, num_heads, strip_size, mlp_ratio, dpr[i])
             for i in range(depth)])
         self.norm = LayerNorm(embed_dim)
@@ -331,25 +331,34 @@ def _gpvit(channels: int, **kwargs) -> GPViT:
     return GPViT(**{"embed_dim": channels, **strip_timm_kwargs(kwargs)})
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "gpvit_l1": timm_glue.cfg("stem.conv1", "head"),
+    "gpvit_l2": timm_glue.cfg("stem.conv1", "head"),
+    "gpvit_l3": timm_glue.cfg("stem.conv1", "head"),
+    "gpvit_l4": timm_glue.cfg("stem.conv1", "head"),
+})
+
+
+@timm_glue.register
 def gpvit_l1(pretrained: bool = False, **kwargs) -> GPViT:
     """GPViT-L1: 216 channels (Table 11: 9.3M params, 5.8 GFLOPs at 224)."""
     return _gpvit(216, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def gpvit_l2(pretrained: bool = False, **kwargs) -> GPViT:
     """GPViT-L2: 348 channels (Table 10: 23.8M params; 15.0 GFLOPs at 224)."""
     return _gpvit(348, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def gpvit_l3(pretrained: bool = False, **kwargs) -> GPViT:
     """GPViT-L3: 432 channels (Table 11: 36.2M params, 22.9 GFLOPs at 224)."""
     return _gpvit(432, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def gpvit_l4(pretrained: bool = False, **kwargs) -> GPViT:
     """GPViT-L4: 624 channels (Table 11: 75.4M params, 48.2 GFLOPs at 224)."""
     return _gpvit(624, **kwargs)

@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 from timm.layers import DropPath, LayerNorm, Mlp, PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_rel import gen_relative_position_index
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models import register_model
 from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .base import fill_tokens, mask_to_tokens, strip_timm_kwargs, visible_order
+from . import timm_glue
+from .base import (fill_tokens, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit, strip_timm_kwargs,
+                   visible_order)
 
 CELL = 16  # pixels per main-stage token: the unit that drop mode can remove exactly
 PATCH = 4  # pixels per stage-1 token
@@ -69,7 +69,7 @@ class RelPosBlock(Block):
         return super().forward(x, attn_mask=bias.to(x.dtype))
 
 
-class HiViT(nn.Module):
+class HiViT(timm_glue.TimmNative, nn.Module):
     """HiViT encoder + the mimtrain encoder contract (see `encoders/base.py`).
 
     Args:
@@ -79,9 +79,13 @@ class HiViT(nn.Module):
         num_heads: attention heads of the main stage.
         mlp_ratio: MLP ratio of the main-stage blocks.
         stem_mlp_ratio: MLP ratio of the stage-1/2 MLPs.
-        mask_unit: pixels per mask cell; drop mode needs a multiple of 16, fill mode a multiple of 4.
+        mask_unit: pixels per mask cell (None = 16); drop mode needs a multiple of 16, fill mode a multiple of 4.
         mask_mode: "drop" (MAE: hidden cells never enter) or "fill" (SimMIM: mask token after the patch embedding).
-        fixed_pos_embed: absolute position embedding as a frozen 2-D sin-cos table (MAE) instead of a learned one.
+        fixed_pos_embed: absolute position embedding as a frozen 2-D sin-cos table (MAE's layout) instead of a
+            learned one.
+
+    Built with a head (num_classes > 0) it is MAE's fine-tuning classifier: average of the stride-16 tokens before
+    the pretrained final norm, a fresh `fc_norm`, head weights drawn with std 2e-5.
     """
 
     hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
@@ -89,7 +93,7 @@ class HiViT(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, dims: tuple[int, int, int] = (128, 256, 512),
                  depths: tuple[int, int, int] = (2, 2, 20), num_heads: int = 8, mlp_ratio: float = 4.0,
                  stem_mlp_ratio: float = 3.0, num_classes: int = 1000, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, mask_unit: int = CELL, mask_mode: str = "drop",
+                 drop_path_rate: float = 0.0, mask_unit: int | None = None, mask_mode: str = "drop",
                  fixed_pos_embed: bool = True):
         super().__init__()
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -97,11 +101,10 @@ class HiViT(nn.Module):
             raise ValueError(f"HiViT needs an image size divisible by its main-stage stride {CELL}, got {h}x{w}")
         if mask_mode not in ("drop", "fill"):
             raise ValueError(f"mask_mode must be 'drop' or 'fill', got {mask_mode!r}")
+        mask_unit = resolve_mask_unit(mask_unit, CELL, PATCH, "HiViT")
         if mask_mode == "drop" and mask_unit % CELL:
             raise ValueError(f"HiViT drop mode removes whole {CELL}x{CELL} main-stage tokens: mask_unit must be a "
                              f"multiple of {CELL}, got {mask_unit} (use mask_mode='fill' for finer masks)")
-        if mask_unit % PATCH:
-            raise ValueError(f"mask_unit {mask_unit} must be a multiple of the patch size {PATCH}")
         self.patch_size, self.mask_unit, self.mask_mode = PATCH, mask_unit, mask_mode
         self.embed_dim = self.num_features = dims[2]
         self.num_prefix_tokens = 0
@@ -128,6 +131,8 @@ class HiViT(nn.Module):
             RelPosBlock(dims[2], num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=d,
                         norm_layer=LayerNorm) for d in dpr[sum(depths[:2]):]])
         self.norm = LayerNorm(dims[2])
+        # MAE fine-tuning: the pooled tokens get a fresh LayerNorm; the pretrained final norm is bypassed.
+        self.fc_norm = LayerNorm(dims[2]) if num_classes > 0 else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[2], num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(fixed_pos_embed)
@@ -140,11 +145,18 @@ class HiViT(nn.Module):
                     nn.init.zeros_(m.bias)
         with torch.no_grad():
             if fixed_pos_embed:
-                self.pos_embed.copy_(build_sincos2d_pos_embed(list(self.grid_size), dim=self.embed_dim))
+                self.pos_embed.copy_(mae_sincos_pos_embed(self.grid_size, self.embed_dim))
             else:
                 trunc_normal_(self.pos_embed, std=0.02)
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=2e-5)  # MAE's fine-tuning head
+
+    def unused_by_classifier(self) -> list[nn.Module]:
+        """Modules `forward` skips when the model classifies with average pooling (the pretrained final norm):
+        fine-tuning freezes them so that DDP sees no parameter without a gradient."""
+        return [self.norm] if isinstance(self.fc_norm, LayerNorm) else []
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters()
@@ -186,7 +198,7 @@ class HiViT(nn.Module):
         s2 = self.stage2(self.merge1(s1))
         return s1, s2, self.merge2(s2).flatten(1)
 
-    def _main_stage(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def _main_stage(self, x: Tensor, keep: Tensor | None, final_norm: bool = True) -> Tensor:
         """x: [B, n, C] main-stage tokens at the cells `keep` ([B, n]; None = all, raster order) -> [B, n, C]."""
         if keep is None:
             x, rel_index = x + self.pos_embed, self.rel_index[None]
@@ -195,7 +207,7 @@ class HiViT(nn.Module):
             rel_index = self.rel_index[keep[:, :, None], keep[:, None, :]]  # [B, n, n]: offsets among kept cells
         for blk in self.blocks:
             x = blk(x, rel_index)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: [B, 3, H, W]; mask: [B, H/u, W/u] (True = hidden).
@@ -210,52 +222,64 @@ class HiViT(nn.Module):
             out = self._main_stage(t.view(B, -1, self.embed_dim), None)
             return out.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
         hidden = mask_to_tokens(mask, self.mask_unit // CELL).flatten(1)  # [B, N] on the stride-16 grid
-        # Every image hides the same count (the masking service guarantees it), so the gather stays rectangular.
+        # Every image must hide the same count (the masking service guarantees it; `visible_order` refuses other
+        # batches), so the gather stays rectangular.
         keep = visible_order(hidden, self.hidden_units, (self.mask_unit // CELL) ** 2)  # [B, V]
         _, _, t = self._hierarchical_embed(self.patch_embed(self._pixel_cells(x, keep)))
         return self._main_stage(t.view(B, keep.shape[1], self.embed_dim), keep)
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> [[B, C0, H/4, W/4], [B, C1, H/8, W/8], [B, C2, H/16, W/16]], unmasked."""
+    def forward_features(self, x: Tensor, final_norm: bool = True) -> list[Tensor]:
+        """x: [B, 3, H, W] -> [[B, C0, H/4, W/4], [B, C1, H/8, W/8], [B, C2, H/16, W/16]], unmasked (the last after
+        the final norm unless final_norm=False)."""
         self._check_size(x)
         B = x.shape[0]
         s1, s2, t = self._hierarchical_embed(self._token_cells(self.patch_embed(x)))
-        out = self._main_stage(t.view(B, -1, self.embed_dim), None)
+        out = self._main_stage(t.view(B, -1, self.embed_dim), None, final_norm)
         s3 = out.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
         return [self._cells_to_map(s1, B), self._cells_to_map(s2, B), s3]
 
     def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Average pool of the (normed) stride-16 map -> logits, as the paper's classifier."""
-        x = self.head_drop(feats[-1].mean(dim=(2, 3)))
+        """Average pool of the stride-16 map -> fc_norm -> logits (MAE fine-tuning's global pool)."""
+        x = self.head_drop(self.fc_norm(feats[-1].mean(dim=(2, 3))))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        """As a classifier (num_classes > 0), MAE's: pool the blocks' output without the pretrained final norm."""
+        return self.forward_head(self.forward_features(x, final_norm=isinstance(self.fc_norm, nn.Identity)))
 
 
 def _hivit(defaults: dict, kwargs: dict) -> HiViT:
     return HiViT(**{**defaults, **strip_timm_kwargs(kwargs)})
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "hivit_tiny": timm_glue.cfg("patch_embed.proj", "head"),
+    "hivit_small": timm_glue.cfg("patch_embed.proj", "head"),
+    "hivit_base": timm_glue.cfg("patch_embed.proj", "head"),
+    "hivit_large": timm_glue.cfg("patch_embed.proj", "head"),
+})
+
+
+@timm_glue.register
 def hivit_tiny(pretrained: bool = False, **kwargs) -> HiViT:
     """Table 7 HiViT-T: 19.2M params, 4.6 GFLOPs."""
     return _hivit(dict(dims=(96, 192, 384), depths=(1, 1, 10), num_heads=6), kwargs)
 
 
-@register_model
+@timm_glue.register
 def hivit_small(pretrained: bool = False, **kwargs) -> HiViT:
     """Table 7 HiViT-S: 37.5M params, 9.1 GFLOPs."""
     return _hivit(dict(dims=(96, 192, 384), depths=(2, 2, 20), num_heads=6), kwargs)
 
 
-@register_model
+@timm_glue.register
 def hivit_base(pretrained: bool = False, **kwargs) -> HiViT:
     """Table 7 HiViT-B: 66.4M params, 15.9 GFLOPs."""
     return _hivit(dict(dims=(128, 256, 512), depths=(2, 2, 20), num_heads=8), kwargs)
 
 
-@register_model
+@timm_glue.register
 def hivit_large(pretrained: bool = False, **kwargs) -> HiViT:
     """Table 7 HiViT-L: 266.8M params, 63.8 GFLOPs."""
     return _hivit(dict(dims=(192, 384, 768), depths=(4, 4, 36), num_heads=12), kwargs)

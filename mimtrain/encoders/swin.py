@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 from timm.layers import resize_rel_pos_bias_table_simple, trunc_normal_
-from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from .base import fill_tokens, strip_timm_kwargs
+from . import timm_glue
+from .base import fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 # Non-persistent, size-bound buffers: the target model rebuilds them for its own window; old checkpoints carry them.
 _SIZE_BOUND_BUFFERS = ("relative_position_index", "attn_mask")
@@ -50,7 +50,7 @@ def resize_rel_pos_tables(state_dict: dict[str, Tensor], model: nn.Module) -> di
     return out
 
 
-class SwinEncoder(nn.Module):
+class SwinEncoder(timm_glue.TimmNative, nn.Module):
     """timm SwinTransformer + the mimtrain encoder contract (see `encoders/base.py`), fill mode only.
 
     Args:
@@ -81,9 +81,7 @@ class SwinEncoder(nn.Module):
             img_size=img_size, patch_size=patch_size, window_size=window_size, embed_dim=embed_dim, depths=depths,
             num_heads=num_heads, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
         self.patch_size = patch_size
-        self.mask_unit = mask_unit or 32
-        if self.mask_unit % patch_size:
-            raise ValueError(f"mask_unit {self.mask_unit} must be a multiple of the patch size {patch_size}")
+        self.mask_unit = resolve_mask_unit(mask_unit, 32, patch_size, "Swin")
         self.mask_mode = mask_mode
         self.window_size = window_size
         self.num_prefix_tokens = 0
@@ -143,42 +141,55 @@ def _swin(size: str, window: int, **kwargs) -> SwinEncoder:
     return SwinEncoder(**{**defaults, **strip_timm_kwargs(kwargs)})
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "simmim_swin_tiny_patch4_window6": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc", img_size=192),
+    "simmim_swin_tiny_patch4_window7": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc"),
+    "simmim_swin_small_patch4_window6": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc", img_size=192),
+    "simmim_swin_small_patch4_window7": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc"),
+    "simmim_swin_base_patch4_window6": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc", img_size=192),
+    "simmim_swin_base_patch4_window7": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc"),
+    "simmim_swin_large_patch4_window6": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc", img_size=192),
+    "simmim_swin_large_patch4_window7": timm_glue.cfg("swin.patch_embed.proj", "swin.head.fc"),
+})
+
+
+@timm_glue.register
 def simmim_swin_tiny_patch4_window6(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("tiny", 6, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_tiny_patch4_window7(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("tiny", 7, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_small_patch4_window6(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("small", 6, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_small_patch4_window7(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("small", 7, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_base_patch4_window6(pretrained: bool = False, **kwargs) -> SwinEncoder:
     """SimMIM's main model: Swin-B pretrained at 192 px with window 6."""
     return _swin("base", 6, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_base_patch4_window7(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("base", 7, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_large_patch4_window6(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("large", 6, **kwargs)
 
 
-@register_model
+@timm_glue.register
 def simmim_swin_large_patch4_window7(pretrained: bool = False, **kwargs) -> SwinEncoder:
     return _swin("large", 7, **kwargs)

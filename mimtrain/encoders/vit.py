@@ -1,20 +1,24 @@
 """Plain ViT (patch 16) as a MIM encoder: a wrapper around timm's VisionTransformer.
 
-Drop mode (MAE): only the visible patches enter the transformer. Fill mode (SimMIM's ViT baseline): hidden patches
-are replaced by a learned mask token after the patch embedding. Position embeddings are fixed 2-D sin-cos, as in MAE.
+Drop mode (MAE): only the visible patches enter the transformer. Fill mode (SimMIM's ViT baseline): hidden patch
+embeddings are replaced by a learned mask token, and the position embedding is added after, as in SimMIM, so hidden
+tokens at different places differ. Position embeddings are MAE's fixed 2-D sin-cos table, and the weights start from
+MAE's initialisation. Built with a head (num_classes > 0) the model is MAE's fine-tuning classifier: global average
+of the patch tokens, a fresh `fc_norm` in place of the pretrained final norm, head weights drawn with std 2e-5.
 """
 from __future__ import annotations
 
 import torch
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
-from timm.models import register_model
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .base import mask_to_tokens, strip_timm_kwargs, visible_order
+from . import timm_glue
+from .base import (mae_init_linear, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit, strip_timm_kwargs,
+                   visible_order)
 
 
-class ViTEncoder(nn.Module):
+class ViTEncoder(timm_glue.TimmNative, nn.Module):
     """timm VisionTransformer + the mimtrain encoder contract (see `encoders/base.py`)."""
 
     hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
@@ -29,9 +33,7 @@ class ViTEncoder(nn.Module):
             mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=num_classes, global_pool="token",
             drop_path_rate=drop_path_rate, **kwargs)
         self.patch_size = patch_size
-        self.mask_unit = mask_unit or patch_size
-        if self.mask_unit % patch_size:
-            raise ValueError(f"mask_unit {self.mask_unit} must be a multiple of the patch size {patch_size}")
+        self.mask_unit = resolve_mask_unit(mask_unit, patch_size, patch_size, "ViT")
         if mask_mode not in ("drop", "fill"):
             raise ValueError(f"mask_mode must be 'drop' or 'fill', got {mask_mode!r}")
         self.mask_mode = mask_mode
@@ -40,56 +42,78 @@ class ViTEncoder(nn.Module):
         self.grid_size = tuple(self.vit.patch_embed.grid_size)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="vit.norm")]
         self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_mode == "fill" else None
+        # MAE fine-tuning: the pooled patch tokens get a fresh LayerNorm; the pretrained final norm is bypassed.
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes > 0 else nn.Identity()
         if fixed_pos_embed:
-            # MAE: fixed sin-cos table, class token position zero; frozen so it never drifts.
-            table = build_sincos2d_pos_embed(list(self.grid_size), dim=embed_dim)
+            # MAE: fixed sin-cos table in MAE's channel layout, class token position zero; frozen so it never drifts.
             with torch.no_grad():
                 self.vit.pos_embed.zero_()
-                self.vit.pos_embed[0, self.vit.num_prefix_tokens:] = table
+                self.vit.pos_embed[0, self.vit.num_prefix_tokens:] = mae_sincos_pos_embed(self.grid_size, embed_dim)
             self.vit.pos_embed.requires_grad_(False)
-        self._init_tokens()
+        self._init_mae()
 
-    def _init_tokens(self) -> None:
+    def _init_mae(self) -> None:
+        """MAE's `initialize_weights`: xavier-uniform Linears with zero bias, the patch embedding initialised as a
+        Linear on its flattened kernel, normal(0.02) class and mask tokens; the head as MAE's fine-tuning (2e-5)."""
+        self.apply(mae_init_linear)
+        w = self.vit.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.normal_(self.vit.cls_token, std=0.02)
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
+        if isinstance(self.vit.head, nn.Linear):
+            trunc_normal_(self.vit.head.weight, std=2e-5)
+
+    def unused_by_classifier(self) -> list[nn.Module]:
+        """Modules `forward` skips when the model classifies with average pooling (the pretrained final norm):
+        fine-tuning freezes them so that DDP sees no parameter without a gradient."""
+        return [self.vit.norm] if isinstance(self.fc_norm, nn.LayerNorm) else []
 
     def no_weight_decay(self) -> set[str]:
         return {"vit.pos_embed", "vit.cls_token", "mask_token"}
 
     def _embed(self, x: Tensor) -> Tensor:
         """x: [B, 3, H, W] -> patch tokens with position: [B, L, C]."""
-        x = self.vit.patch_embed(x)
-        return x + self.vit.pos_embed[:, self.vit.num_prefix_tokens:]
+        return self._add_pos(self.vit.patch_embed(x))
+
+    def _add_pos(self, tokens: Tensor) -> Tensor:
+        """[B, L, C] patch tokens (all L, raster order) -> the same plus their position embedding."""
+        return tokens + self.vit.pos_embed[:, self.vit.num_prefix_tokens:]
 
     def _prepend_prefix(self, x: Tensor) -> Tensor:
         """[B, N, C] -> [B, 1 + N, C]: class token (with its own position) in front."""
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def _transform(self, x: Tensor) -> Tensor:
-        return self.vit.norm(self.vit.blocks(self.vit.norm_pre(x)))
+    def _transform(self, x: Tensor, final_norm: bool = True) -> Tensor:
+        x = self.vit.blocks(self.vit.norm_pre(x))
+        return self.vit.norm(x) if final_norm else x
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: [B, 3, H, W]; mask: [B, Gh, Gw] (True = hidden).
 
         drop -> [B, 1 + N_visible, C]; fill -> [B, C, H/p, W/p].
         """
-        tokens = self._embed(x)
         hidden = mask_to_tokens(mask, self.mask_unit // self.patch_size).flatten(1)  # [B, L]
-        B, L, C = tokens.shape
         if self.mask_mode == "fill":
-            tokens = torch.where(hidden[..., None], self.mask_token.to(tokens.dtype), tokens)
+            # SimMIM: the mask token replaces the patch embedding BEFORE the position embedding is added, so hidden
+            # tokens still say where they are (after it, every hidden token would be the same vector).
+            tokens = self.vit.patch_embed(x)
+            B, L, C = tokens.shape
+            tokens = self._add_pos(torch.where(hidden[..., None], self.mask_token.to(tokens.dtype), tokens))
             out = self._transform(self._prepend_prefix(tokens))[:, self.vit.num_prefix_tokens:]
             return out.transpose(1, 2).reshape(B, C, *self.grid_size)
-        # Every image hides the same count (the masking service guarantees it), so the gather stays rectangular.
+        tokens = self._embed(x)
+        B, L, C = tokens.shape
+        # Every image must hide the same count (the masking service guarantees it; `visible_order` refuses other
+        # batches), so the gather stays rectangular.
         keep = visible_order(hidden, self.hidden_units, (self.mask_unit // self.patch_size) ** 2)  # [B, V]
         tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, C))
         return self._transform(self._prepend_prefix(tokens))
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> [[B, C, H/p, W/p]], unmasked."""
-        out = self._transform(self._prepend_prefix(self._embed(x)))
+    def forward_features(self, x: Tensor, final_norm: bool = True) -> list[Tensor]:
+        """x: [B, 3, H, W] -> [[B, C, H/p, W/p]], unmasked (after the final norm unless final_norm=False)."""
+        out = self._transform(self._prepend_prefix(self._embed(x)), final_norm)
         B, _, C = out.shape
         return [out[:, self.vit.num_prefix_tokens:].transpose(1, 2).reshape(B, C, *self.grid_size)]
 
@@ -98,44 +122,56 @@ class ViTEncoder(nn.Module):
         return self._transform(self._prepend_prefix(self._embed(x)))[:, 0]
 
     def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Average-pooled patch tokens (MAE fine-tuning's global pool) -> logits."""
-        x = self.vit.head_drop(feats[-1].mean(dim=(2, 3)))
+        """Average of the patch tokens (no class token) -> fc_norm -> logits: MAE fine-tuning's global pool."""
+        x = self.vit.head_drop(self.fc_norm(feats[-1].mean(dim=(2, 3))))
         return x if pre_logits else self.vit.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        """As a classifier (num_classes > 0), MAE's: pool the blocks' output without the pretrained final norm."""
+        return self.forward_head(self.forward_features(x, final_norm=isinstance(self.fc_norm, nn.Identity)))
 
 
 def _vit(img_size=224, **kwargs) -> ViTEncoder:
     return ViTEncoder(img_size=img_size, **strip_timm_kwargs(kwargs))
 
 
-@register_model
+# timm reads `default_cfgs` when `register` runs: the preprocessing and the names of the stem and the classifier.
+default_cfgs = timm_glue.default_cfgs({
+    "mim_vit_tiny_patch16": timm_glue.cfg("vit.patch_embed.proj", "vit.head"),
+    "mim_vit_small_patch16": timm_glue.cfg("vit.patch_embed.proj", "vit.head"),
+    "mim_vit_base_patch16": timm_glue.cfg("vit.patch_embed.proj", "vit.head"),
+    "mim_vit_large_patch16": timm_glue.cfg("vit.patch_embed.proj", "vit.head"),
+    "mim_vit_huge_patch16": timm_glue.cfg("vit.patch_embed.proj", "vit.head"),
+    "mim_vit_huge_patch14": timm_glue.cfg("vit.patch_embed.proj", "vit.head"),
+})
+
+
+@timm_glue.register
 def mim_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> ViTEncoder:
     return _vit(**{**dict(patch_size=16, embed_dim=192, depth=12, num_heads=3), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def mim_vit_small_patch16(pretrained: bool = False, **kwargs) -> ViTEncoder:
     return _vit(**{**dict(patch_size=16, embed_dim=384, depth=12, num_heads=6), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def mim_vit_base_patch16(pretrained: bool = False, **kwargs) -> ViTEncoder:
     return _vit(**{**dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def mim_vit_large_patch16(pretrained: bool = False, **kwargs) -> ViTEncoder:
     return _vit(**{**dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def mim_vit_huge_patch16(pretrained: bool = False, **kwargs) -> ViTEncoder:
     return _vit(**{**dict(patch_size=16, embed_dim=1280, depth=32, num_heads=16), **kwargs})
 
 
-@register_model
+@timm_glue.register
 def mim_vit_huge_patch14(pretrained: bool = False, **kwargs) -> ViTEncoder:
     """MAE's ViT-H/14 (the paper's huge model uses 14-px patches; 224 / 14 = 16 units a side)."""
     return _vit(**{**dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), **kwargs})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -33,17 +34,81 @@ def launch_mode() -> str:
     return "ddp"
 
 
-def make_accelerator(grad_accum: int, mixed_precision: str) -> Accelerator:
-    """The Accelerator for this launch. Refuses launches that would silently train each process alone."""
+def _parent_cmdline() -> list[str]:
+    try:
+        raw = open(f"/proc/{os.getppid()}/cmdline", "rb").read()
+    except OSError:  # not Linux: nothing to read
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _launch_args(cmdline: list[str]) -> list[str] | None:
+    """The arguments after `accelerate launch` (or `python -m accelerate.commands.launch`), None for other commands."""
+    for i, arg in enumerate(cmdline[:4]):
+        if (arg == "launch" and i and "accelerate" in cmdline[i - 1]) or arg.endswith("accelerate.commands.launch"):
+            return cmdline[i + 1:]
+    return None
+
+
+def cpu_launch_request(parent_cmdline: list[str]) -> int:
+    """Processes asked of `accelerate launch --cpu` (0 if this is not such a launch).
+
+    Accelerate's --cpu launcher starts one plain process whatever --num_processes says, and sets no WORLD_SIZE, only
+    ACCELERATE_USE_CPU; the count survives only on the launcher's command line (our parent process's), or in the
+    --config_file it names."""
+    args = _launch_args(parent_cmdline)
+    if args is None or os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
+        return 0
+    flags, i = {}, 0
+    while i < len(args) and args[i].startswith("-") and args[i] not in ("-m", "--module"):  # the launcher's own
+        name, eq, value = args[i].partition("=")
+        if not eq and name in ("--num_processes", "--num-processes", "--config_file", "--config-file"):
+            value, i = (args[i + 1] if i + 1 < len(args) else ""), i + 1
+        flags[name.replace("-", "_")] = value
+        i += 1
+    asked = flags.get("__num_processes", "")
+    if not asked and flags.get("__config_file"):
+        try:
+            import yaml
+
+            asked = str((yaml.safe_load(open(flags["__config_file"])) or {}).get("num_processes", ""))
+        except (OSError, ValueError):  # unreadable: accelerate itself says so
+            return 0
+    return int(asked) if asked.isdigit() else 0
+
+
+def refuse_cpu_launch(parent_cmdline: list[str] | None = None) -> None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) runs one process: refuse it with the command that works."""
+    cmd = _parent_cmdline() if parent_cmdline is None else parent_cmdline
+    asked = cpu_launch_request(cmd)
+    if asked > 1:
+        import shlex
+
+        works = ["accelerate", "launch"] + ["--multi_gpu" if a == "--cpu" else a for a in _launch_args(cmd)]
+        raise ConfigError(f"`accelerate launch --cpu --num_processes {asked}` starts ONE process (accelerate's --cpu "
+                          f"launcher ignores --num_processes), so this run would train alone; for {asked} processes on "
+                          f"CPU use --multi_gpu instead of --cpu: {shlex.join(works)}")
+
+
+def make_accelerator(grad_accum: int, mixed_precision: str, timeout_s: int = 0) -> Accelerator:
+    """The Accelerator for this launch. Refuses launches that would silently train each process alone.
+
+    `timeout_s` (train.dist_timeout_s; 0 = torch's default, 30 min) bounds every collective: a process that stalls
+    (stopped, swapping, a dead node that keeps its sockets) makes its peers fail with a timeout error after that long
+    instead of blocking them."""
+    refuse_cpu_launch()
+    if timeout_s < 0:
+        raise ConfigError(f"train.dist_timeout_s must be >= 0 (0 = torch's default), got {timeout_s}")
     mode, cuda = launch_mode(), torch.cuda.is_available()
     if mode == "fsdp" and not cuda:
         raise ConfigError(FSDP_NEEDS_GPU)
     if mode == "deepspeed" and importlib.util.find_spec("transformers") is None:
         raise ConfigError("DeepSpeed through accelerate needs the `transformers` package (its DeepSpeed plugin imports "
                           "transformers.integrations): pip install 'transformers>=4.46'")
-    handlers = []
+    pg = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     if mode == "deepspeed" and not cuda:  # accelerate picks no backend without CUDA; DeepSpeed's comm needs one
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        pg["backend"] = "gloo"
+    handlers = [InitProcessGroupKwargs(**pg)] if pg else []
     # cpu=True without CUDA lets `accelerate launch --multi_gpu` run DDP processes over gloo; DeepSpeed must see
     # cpu=False, or accelerate switches it off.
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
@@ -60,6 +125,23 @@ def make_accelerator(grad_accum: int, mixed_precision: str) -> Accelerator:
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """`accelerator.unwrap_model`, without importing DeepSpeed on runs that do not use it.
+
+    accelerate imports DeepSpeed in `unwrap_model` whenever the package is installed (to recognise its engine), which
+    costs seconds and makes DeepSpeed print "Setting accelerator to CPU" on CPU machines; only a DeepSpeed launch can
+    hold a DeepSpeed engine, so elsewhere its availability check is answered "no" for the call.
+    """
+    if is_deepspeed(accelerator):
+        return accelerator.unwrap_model(model)
+    from unittest import mock
+
+    import accelerate.utils.other as other
+
+    with mock.patch.object(other, "is_deepspeed_available", lambda: False):
+        return accelerator.unwrap_model(model)
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -4,8 +4,8 @@ The encoder being trained (unwrapped, eval mode, no grad) embeds `data.knn_train
 `data.val_shards` (the queries), both labelled; each process embeds its share of the shards and the features are
 gathered, then classified by `mimtrain.eval.knn.knn_classify` (the code of `mimtrain knn`; features are taken under
 autocast, classified in fp32). The main process logs `knn/top1` and
-`knn/top5`. Not under ZeRO-3 / FSDP: their forward is a collective over parameter shards, and the processes' shares of
-the labelled shards differ in size; evaluate the checkpoints with `mimtrain knn --from RUN` instead.
+`knn/top5` (top-5 only with 5 classes or more). Not under ZeRO-3 / FSDP: their forward is a collective over parameter
+shards, and the processes' shares of the labelled shards differ in size; evaluate the checkpoints with `mimtrain knn --from RUN` instead.
 
 Images are decoded in the main process (no DataLoader workers): a SIGTERM to the process group while the probe runs
 would kill torch's workers and fail the run before its preemption checkpoint (see `preempt.shield_workers`).
@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
 from .distributed import module_dtype, params_sharded
@@ -37,15 +38,17 @@ class KnnMonitor:
         if params_sharded(accelerator):
             raise ConfigError("train.knn_every is not available under ZeRO-3 or FSDP (the encoder's parameters are "
                               "sharded); set train.knn_every=0 and run `mimtrain knn --from RUN` on the checkpoints")
-        from ..data.stream import expand_shards
+        from ..data.stream import expand_shards, require_labels
         from ..eval.common import num_classes
         from ..eval.config import knn_defaults
 
         base = knn_defaults()
         self.cfg = dataclasses.replace(base, seed=cfg.seed, data=dataclasses.replace(
             base.data, img_size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std,
-            num_workers=0, train_shards=cfg.data.knn_train_shards, val_shards=cfg.data.val_shards))
+            num_workers=0, train_shards=cfg.data.knn_train_shards, val_shards=cfg.data.val_shards),
+            train=dataclasses.replace(base.train, progress=False))  # no second bar inside the training bar
         self.bank, self.queries = expand_shards(cfg.data.knn_train_shards), expand_shards(cfg.data.val_shards)
+        require_labels(self.bank + self.queries, "train.knn_every (the k-NN monitor)")
         if min(len(self.bank), len(self.queries)) < accelerator.num_processes:
             raise ConfigError(f"train.knn_every: every process embeds its own shards, so data.knn_train_shards and "
                               f"data.val_shards need at least {accelerator.num_processes} shards each")
@@ -57,11 +60,12 @@ class KnnMonitor:
     def __call__(self, step: int, method, accelerator, log) -> None:
         if not self.every or step % self.every:
             return
-        from ..eval.common import eval_stream, resolve_pool, topk_correct
+        from ..eval.common import accuracies, eval_stream, resolve_pool, topk_correct
         from ..eval.knn import knn_classify
         from ..eval.linprobe import extract
+        from .distributed import unwrap
 
-        encoder = accelerator.unwrap_model(method).encoder
+        encoder = unwrap(accelerator, method).encoder
         was_training = encoder.training
         encoder.eval()
         pool = resolve_pool("auto", encoder, default_cls=True)
@@ -72,5 +76,8 @@ class KnnMonitor:
                                    accelerator)
         encoder.train(was_training)
         scores = knn_classify(bank, labels, feats, self.num_classes, self.cfg.knn.k, self.cfg.knn.temperature)
-        top1, top5 = (100.0 * c.item() / max(len(truth), 1) for c in topk_correct(scores, truth))
-        log.scalars(step, {"knn/top1": top1, "knn/top5": top5})
+        c1, c5 = topk_correct(scores, truth)
+        acc = accuracies(c1.item(), c5.item(), len(truth), self.num_classes)  # top5 None below 5 classes
+        log.scalars(step, {f"knn/{k}": v for k, v in acc.items() if v is not None})
+        if accelerator.is_main_process:  # above the training bar, not into it
+            tqdm.write(f"step {step}: k-NN top-1 {acc['top1']:.2f}% ({len(truth)} queries)")

@@ -1,17 +1,18 @@
 """What a checkpoint records about training progress, and how a run continues from it.
 
 With the same layout (processes x DataLoader workers) the resume is exact: every worker's stream restarts where it
-stopped. With another layout the shards are dealt out differently (`shards[rank::world][worker::workers]`), so which
+stopped. With another layout the streams' runs of samples differ (`data/stream.py`), so which
 samples were read cannot carry over; the count of samples read this epoch does, and each new stream skips its share of
 it (`rederive`). Only ZeRO's optimizer partitions are bound to the number of processes: such a change is refused.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
-from .checkpoint import CheckpointError, checkpoint_config, read_rank_state, saved_with
+from .checkpoint import CheckpointError, checkpoint_config, read_rank_state, saved_with, tensors_only
 from .distributed import is_deepspeed, launch_mode
 
 
@@ -62,7 +63,12 @@ def restore(ckpt: Path, cfg: Config, accelerator, fresh: TrainState) -> TrainSta
             f"--num_processes {old_world}, or convert the checkpoint to DeepSpeed's universal format "
             "(`python -m deepspeed.checkpoint.ds_to_universal`), which mimtrain does not load; "
             "`mimtrain export` still consolidates its encoder")
-    accelerator.load_state(str(ckpt))
+    try:
+        with tensors_only():  # DeepSpeed's engine asks torch.load for full unpickling; weights only, as everywhere
+            accelerator.load_state(str(ckpt))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{ckpt} holds objects other than tensors (refused: loading them would run code): "
+                              f"{str(e).splitlines()[-1] if str(e) else e!r}") from None
     ranks = [TrainState(**read_rank_state(ckpt, r)) for r in range(old_world)]
     mine = ranks[min(accelerator.process_index, old_world - 1)]
     if (mine.world_size, mine.num_streams) == (fresh.world_size, fresh.num_streams):

@@ -22,12 +22,13 @@ from ..masking import MaskingService
 from ..methods import build_method, mask_mode_for
 from .checkpoint import Checkpoints
 from .fastpath import apply_fast_path
-from .distributed import configure_deepspeed, make_accelerator, module_dtype
+from .distributed import configure_deepspeed, make_accelerator, module_dtype, unwrap
 from .logging import RunLogger
 from .monitor import KnnMonitor
 from .optim import build_optimizer, build_schedule
 from .preempt import Preemption, shield_workers
 from .resume import TrainState, restore
+from .rundir import claim
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,11 +48,11 @@ def _bad_precision(name: str):
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job. Returns a summary dict (first/last logged loss, run paths, whether a
     SIGTERM/SIGUSR1 stopped it early after writing a checkpoint)."""
-    accelerator = make_accelerator(cfg.train.grad_accum, _precision(cfg.train.precision))
+    accelerator = make_accelerator(cfg.train.grad_accum, _precision(cfg.train.precision), cfg.train.dist_timeout_s)
     set_seed(cfg.seed)
     # Everything that can be refused is checked before any data is read or any step runs.
     urls = expand_shards(cfg.data.train_shards)
-    encoder = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit or None,
+    encoder = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit,
                             mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
                             drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
     masking = MaskingService.for_encoder(encoder, cfg.data.img_size, cfg.mask, cfg.seed)
@@ -59,8 +60,9 @@ def pretrain(cfg: Config) -> dict:
     method = apply_fast_path(method, cfg.train, masking)  # compile, channels-last, SDPA, static visible count
     d = derive(cfg, accelerator.num_processes, cfg.data.samples_per_epoch or count_samples(urls))
     ckpts = Checkpoints(cfg.output_dir, cfg.train.keep_last, cfg.train.keep_every)
-    resume_from = ckpts.resolve(cfg.resume)
     knn = KnnMonitor(cfg, accelerator)
+    # Last of the checks, first of the writes: lock output_dir, refuse to overwrite a run, pick the checkpoint.
+    lock, resume_from = claim(accelerator, cfg.output_dir, cfg.resume, cfg.overwrite)
 
     optim_cfg = configure_deepspeed(accelerator, cfg).optim
     optimizer = build_optimizer(method, optim_cfg, d.lr, accelerator.device.type)
@@ -73,7 +75,8 @@ def pretrain(cfg: Config) -> dict:
         state = restore(resume_from, cfg, accelerator, state)
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
     config_text = yaml.safe_dump({**to_dict(cfg), "derived": d.as_dict()}, sort_keys=False)
-    log = RunLogger(cfg.output_dir, enabled=accelerator.is_main_process)
+    log = RunLogger(cfg.output_dir, enabled=accelerator.is_main_process, log_with=cfg.train.log_with,
+                    hparams={**to_dict(cfg), "derived": d.as_dict()})  # the resolved config as hyper-parameters
     if accelerator.is_main_process:
         (log.dir / "config.yaml").write_text(config_text)
         accelerator.print(f"lr = blr {cfg.optim.blr:g} x {d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}"
@@ -84,12 +87,14 @@ def pretrain(cfg: Config) -> dict:
                        cfg.train.batch_size, seed=cfg.seed, rank=accelerator.process_index,
                        world_size=accelerator.num_processes, num_streams=streams, masking=masking,
                        num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
-    preempt = Preemption(cfg.train.preempt_check_every).install()
+    preempt = Preemption(cfg.train.preempt_check_every, cfg.train.dist_timeout_s).install()
     try:
         summary = _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, log, config_text,
                         preempt, knn)
     finally:
         preempt.uninstall()
+        if lock is not None:  # also dropped by the kernel if this process dies
+            lock.release()
     log.close()
     accelerator.end_training()
     return summary
@@ -129,7 +134,7 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
     bar = tqdm(total=d.stop_step, initial=state.step, disable=not (accelerator.is_main_process and t.progress),
                dynamic_ncols=True, desc="pretrain")
     meter, history, stop = _Meter(dev), [], False
-    on_step = getattr(accelerator.unwrap_model(method).encoder, "on_step", None)
+    on_step = getattr(unwrap(accelerator, method).encoder, "on_step", None)
     in_dtype = module_dtype(accelerator)  # None: images stay fp32
     trace = _trace_file(cfg, accelerator)
     while state.step < d.stop_step and not stop:
@@ -167,7 +172,7 @@ def _loop(cfg, d, accelerator, method, optimizer, schedule, data, state, ckpts, 
                 history.append(rec["loss"])
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
             if t.image_every and (state.step % t.image_every == 0 or state.step == 1) and accelerator.is_main_process:
-                views = accelerator.unwrap_model(method).visualize(images[:8], {k: v[:8] for k, v in out.items()
+                views = unwrap(accelerator, method).visualize(images[:8], {k: v[:8] for k, v in out.items()
                                                                                 if v.dim() > 0})
                 log.reconstruction(state.step, views, cfg.data.mean, cfg.data.std)
             paused = time.perf_counter()  # probes and saves do not count as training time

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -64,9 +65,12 @@ class CocoInstances(Dataset):
         train: keep only images with at least one usable (non-crowd, >= 1 px) box, and flip at random.
         hflip: horizontal flip with probability 0.5 (training only).
         max_images: keep only the first N images (by id); 0 = all.
+        crop: the large-scale resize + crop of the Swin / HiViT 3x schedules (training only), or None: see
+            `ResizeCrop`. The detector's own multi-scale resize still follows.
     """
 
-    def __init__(self, root: str | Path, split: str, train: bool, hflip: bool = True, max_images: int = 0):
+    def __init__(self, root: str | Path, split: str, train: bool, hflip: bool = True, max_images: int = 0,
+                 crop: ResizeCrop | None = None):
         root = Path(root)
         self.ann_file = root / "annotations" / f"instances_{split}.json"
         self.img_dir = root / split
@@ -80,6 +84,7 @@ class CocoInstances(Dataset):
         self.cat_ids = sorted(self.coco.cats)
         self.label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.train, self.hflip = train, hflip and train
+        self.crop = crop if train else None
         ids = sorted(self.coco.imgs)
         if train:  # as MMDetection's filter_empty_gt: an image with nothing to learn only costs time
             ids = [i for i in ids if self._annotations(i)]
@@ -123,7 +128,66 @@ class CocoInstances(Dataset):
         if self.hflip and torch.rand(()) < 0.5:
             img, masks = img.flip(-1), masks.flip(-1)
             boxes = torch.stack([W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]], dim=1)
-        return img, {"boxes": boxes, "labels": labels, "masks": masks, "image_id": img_id}
+        target = {"boxes": boxes, "labels": labels, "masks": masks, "image_id": img_id}
+        if self.crop is not None:
+            img, target = self.crop(img, target)
+        return img, target
+
+
+class ResizeCrop:
+    """The resize + random crop branch of the Swin / HiViT / DETR 3x augmentation, drawn with probability `prob`:
+    resize so the shorter side is one of `scales` (the longer side capped at `max_size`), then cut a random
+    h x w window with h, w drawn uniformly from `crop_range` (clipped to the image). Boxes are shifted and clipped to
+    the window and dropped when nothing of them is left; masks are cut with the image. A crop may hold no object (as
+    MMDetection's allow_negative_crop=True in those configs); the detector trains on it as background.
+    Draws from torch's RNG, which the data loader seeds per worker.
+    """
+
+    def __init__(self, prob: float, scales: tuple[int, ...], crop_range: tuple[int, int], max_size: int = 1333):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"crop probability must be in [0, 1], got {prob}")
+        if not scales or min(scales) < 1:
+            raise ValueError(f"crop resize scales must be positive shorter sides, got {list(scales)}")
+        if not 0 < crop_range[0] <= crop_range[1]:
+            raise ValueError(f"crop size range must be [lo, hi] with 0 < lo <= hi, got {list(crop_range)}")
+        self.prob, self.scales, self.crop_range, self.max_size = prob, tuple(scales), tuple(crop_range), max_size
+
+    def __call__(self, img: Tensor, target: dict) -> tuple[Tensor, dict]:
+        if self.prob <= 0 or torch.rand(()) >= self.prob:
+            return img, target
+        short = self.scales[int(torch.randint(len(self.scales), ()))]
+        img, target = _resize(img, target, short, self.max_size)
+        H, W = img.shape[-2:]
+        lo, hi = self.crop_range
+        h = int(torch.randint(min(lo, H), min(hi, H) + 1, ()))
+        w = int(torch.randint(min(lo, W), min(hi, W) + 1, ()))
+        y0 = int(torch.randint(H - h + 1, ()))
+        x0 = int(torch.randint(W - w + 1, ()))
+        return img[:, y0:y0 + h, x0:x0 + w], _crop_target(target, y0, x0, h, w)
+
+
+def _resize(img: Tensor, target: dict, short: int, max_size: int) -> tuple[Tensor, dict]:
+    """Aspect-preserving resize to shorter side `short` (longer side <= max_size); masks nearest, boxes scaled."""
+    H, W = img.shape[-2:]
+    scale = min(short / min(H, W), max_size / max(H, W))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    img = F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    masks = target["masks"]
+    masks = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0].to(masks.dtype) if len(masks) else \
+        masks.new_zeros((0, h, w))
+    boxes = target["boxes"] * torch.tensor([w / W, h / H, w / W, h / H])
+    return img, {**target, "boxes": boxes, "masks": masks}
+
+
+def _crop_target(target: dict, y0: int, x0: int, h: int, w: int) -> dict:
+    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    masks = target["masks"][:, y0:y0 + h, x0:x0 + w]
+    # a box with no area left, or whose mask has no pixel left, has nothing to learn from
+    has_pixels = masks.flatten(1).amax(1) > 0 if len(masks) else torch.zeros(0, dtype=torch.bool)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & has_pixels
+    return {**target, "boxes": boxes[keep], "labels": target["labels"][keep], "masks": masks[keep]}
 
 
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:

@@ -2,6 +2,7 @@
 checkpoint, pooled features, top-k accuracy and the run directory's files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -13,19 +14,70 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 
 from ..config import ConfigError, save_config
-from ..data.stream import ShardStream, expand_shards, make_loader
-from ..data.transforms import eval_transform
+from ..data.stream import ShardStream, expand_shards, make_loader, require_labels
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from .config import EvalConfig
-from .export import EncoderSpec, load_encoder
+from .export import CONFIG_FILE, EncoderSpec, load_encoder, resolve
 
 
 def accelerator_for(cfg: EvalConfig) -> Accelerator:
+    from ..engine.distributed import refuse_cpu_launch
     from ..engine.trainer import _precision  # the pretraining engine's reading of train.precision
 
+    refuse_cpu_launch()  # `accelerate launch --cpu --num_processes 2` would evaluate in one process
     acc = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
                       mixed_precision=_precision(cfg.train.precision))
     set_seed(cfg.seed)
     return acc
+
+
+def source_preprocessing(source: str) -> dict:
+    """What the source was pretrained on, where it says: {img_size, mean, std} from a run's or checkpoint's
+    config.yaml (`data`), an export's config.yaml (`encoder.img_size`, `data`) or its timm config.json
+    (`pretrained_cfg`); {} for a plain weights file."""
+    import yaml
+
+    p = resolve(source)
+    if p.is_file():
+        return {}
+    found = {}
+    timm_cfg = p / "config.json"
+    if timm_cfg.is_file():
+        pre = json.loads(timm_cfg.read_text()).get("pretrained_cfg") or {}
+        found.update({k: pre[k] for k in ("mean", "std") if k in pre})
+        if "input_size" in pre:
+            found["img_size"] = pre["input_size"][-2:]
+    if (p / CONFIG_FILE).is_file():
+        meta = yaml.safe_load((p / CONFIG_FILE).read_text()) or {}
+        if "img_size" in (meta.get("encoder") or {}):
+            found["img_size"] = meta["encoder"]["img_size"]
+        found.update({k: v for k, v in (meta.get("data") or {}).items() if k in ("img_size", "mean", "std")})
+    return found
+
+
+def follow_source(cfg: EvalConfig, source: str, acc: Accelerator) -> EvalConfig:
+    """data.img_size, mean and std left unset (None) take the source's (`source_preprocessing`), so a 32 px run is
+    evaluated at 32 px with its own normalisation; a plain weights file says nothing: 224 px and ImageNet's
+    statistics. One line says what was taken from where. (Interpolation is bicubic in pretraining and evaluation.)"""
+    data, found = cfg.data, None
+    fill, said = {}, []
+    for key, fallback in (("img_size", 224), ("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        if getattr(data, key) is not None:
+            continue
+        if found is None:
+            found = source_preprocessing(source)
+        value = found.get(key, fallback)
+        if key == "img_size" and isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ConfigError(f"{source} was pretrained at {value[0]}x{value[1]} px; set data.img_size (evaluation "
+                                  "crops are square)")
+            value = value[0]
+        fill[key] = tuple(value) if isinstance(value, list) else value
+        said.append(f"{key} {fill[key]} ({'the source' if key in found else 'default: the source records none'})")
+    if not fill:
+        return cfg
+    acc.print(f"data: {'; '.join(said)}; set data.img_size / data.mean / data.std to override")
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **fill))
 
 
 def num_classes(cfg: EvalConfig, urls: list[str]) -> int:
@@ -42,7 +94,9 @@ def shard_urls(cfg: EvalConfig, need_val: bool = True) -> tuple[list[str], list[
     if need_val and not cfg.data.val_shards:
         raise ConfigError("set data.val_shards (labelled validation shards) for an evaluation run")
     train = expand_shards(cfg.data.train_shards)
-    return train, expand_shards(cfg.data.val_shards) if cfg.data.val_shards else []
+    val = expand_shards(cfg.data.val_shards) if cfg.data.val_shards else []
+    require_labels(train + val, "evaluation (data.train_shards, data.val_shards)")
+    return train, val
 
 
 class PythonSeeded:
@@ -125,19 +179,26 @@ def topk_correct(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     return [hit[:, :k].any(dim=1).sum() for k in ks]
 
 
+def accuracies(top1_correct: float, top5_correct: float, n: int, classes: int) -> dict:
+    """Correct counts over n samples -> {"top1", "top5"} in %. With fewer than 5 classes every label is in the top 5,
+    so top-5 is not applicable: None (printed "n/a"), never a meaningless 100%."""
+    n = max(n, 1)
+    return {"top1": 100.0 * top1_correct / n, "top5": 100.0 * top5_correct / n if classes >= 5 else None}
+
+
 @torch.no_grad()
 def evaluate(score_fn: Callable[[Tensor], Tensor], stream: ShardStream, cfg: EvalConfig, acc: Accelerator) -> dict:
     """Top-1/top-5 (%) of `score_fn(images) -> [B, classes]` over a full pass, summed over processes."""
-    counts = torch.zeros(3, device=acc.device)
+    counts, classes = torch.zeros(3, device=acc.device), 0
     for batch in batches(stream, cfg, acc):
         x, y = batch["images"].to(acc.device), batch["label"].to(acc.device)
         with acc.autocast():
             scores = score_fn(x)
         c1, c5 = topk_correct(scores.float(), y)
+        classes = scores.shape[1]
         counts += torch.stack([c1.float(), c5.float(), torch.tensor(float(len(y)), device=acc.device)])
     counts = acc.reduce(counts, "sum")
-    n = max(counts[2].item(), 1.0)
-    return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "num_val": int(counts[2])}
+    return {**accuracies(counts[0].item(), counts[1].item(), int(counts[2]), classes), "num_val": int(counts[2])}
 
 
 def start_run(cfg: EvalConfig, acc: Accelerator, extra: dict | None = None) -> Path:
@@ -146,6 +207,14 @@ def start_run(cfg: EvalConfig, acc: Accelerator, extra: dict | None = None) -> P
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml", derived=extra)
     return out
+
+
+def say(acc: Accelerator, text: str) -> None:
+    """Print on the main process above a running tqdm bar (tqdm.write), not into the middle of it."""
+    if acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text)
 
 
 def write_results(out: Path, results: dict, acc: Accelerator) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import OptimConfig, load_config
+from ..config import OptimConfig, default_workers, load_config
 
 
 @dataclass
@@ -30,15 +30,15 @@ class EvalEncoderConfig(EncoderSourceConfig):
 class EvalDataConfig:
     train_shards: str = ""  # labelled shards (`.cls`), same spec forms as pretraining
     val_shards: str = ""
-    img_size: int = 224
+    img_size: int | None = None  # None = the source's pretraining size (224 for a plain weights file)
     num_classes: int = 0  # 0 = from classes.json beside the train shards (written by make-shards)
     crop_scale: tuple[float, float] = (0.08, 1.0)  # training crops (fine-tune: 0.08-1; linear probe: MAE uses the same)
     hflip: bool = True
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center-crop img_size
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] | None = None  # None = the source's (ImageNet's for a plain weights file)
+    std: tuple[float, float, float] | None = None  # None = the source's (ImageNet's for a plain weights file)
     shuffle_buffer: int = 2000
-    num_workers: int = 8
+    num_workers: int = field(default_factory=default_workers)  # min(8, CPUs per process on this node)
     samples_per_epoch: int = 0  # 0 = from the shards' index
 
 

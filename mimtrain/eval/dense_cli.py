@@ -6,20 +6,22 @@ import argparse
 
 def _run(kind: str):
     def run(args: argparse.Namespace) -> None:
+        from ..cli import is_main_process
         from .dense_config import load_dense_config
 
         cfg = load_dense_config(kind, args.recipe, args.overrides)
         if kind == "detect":
             from .detection import detect
             res = detect(cfg, args.source)
-            if "box_ap" in res:
+            if "box_ap" in res and is_main_process():
                 print(f"detect: box AP {res['box_ap']:.4f}  mask AP {res['mask_ap']:.4f}  "
                       f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
         else:
             from .segmentation import segment
             res = segment(cfg, args.source)
-            print(f"segment: mIoU {res['mIoU']:.4f}  pixel accuracy {res['aAcc']:.4f}  "
-                  f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
+            if is_main_process():
+                print(f"segment: mIoU {res['mIoU']:.4f}  pixel accuracy {res['aAcc']:.4f}  "
+                      f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
     return run
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..engine.distributed import unwrap
 from ..engine.logging import RunLogger
 from .dense_config import DenseEncoderConfig, DenseOptimConfig
 from .export import HEAD, EncoderSpec, load_encoder
@@ -29,8 +30,10 @@ class NonFiniteLoss(RuntimeError):
 def dense_accelerator(cfg) -> Accelerator:
     """cfg: DetectConfig | SegmentConfig. DDP looks for unused parameters: Mask R-CNN's mask branch and some encoders'
     classification layers (DGT's head_fc) can sit out a step."""
+    from ..engine.distributed import refuse_cpu_launch
     from ..engine.trainer import _precision  # the pretraining engine's reading of train.precision
 
+    refuse_cpu_launch()  # `accelerate launch --cpu --num_processes 2` would train in one process
     acc = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),
                       mixed_precision=_precision(cfg.train.precision),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -155,5 +158,5 @@ def save_final(model: nn.Module, out: Path, acc: Accelerator) -> None:
     if not acc.is_main_process:
         return
     (out / "final").mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(acc, model).state_dict().items()}
     save_file(state, str(out / "final" / "model.safetensors"))

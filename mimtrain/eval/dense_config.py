@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import load_config
+from ..config import default_workers, load_config
 from .config import EncoderSourceConfig
 
 
@@ -61,9 +61,14 @@ class CocoDataConfig:
     max_size: int = 1333  # longer side cap
     canvas: int = 0  # square size the encoder is built for; inputs are padded to it; 0 = max_size rounded up to 32
     hflip: bool = True
+    # Swin/HiViT 3x resize + crop (training): with probability crop_prob, resize the shorter side to one of
+    # crop_scales, cut a random h x w window (h, w drawn from crop_range), then the multi-scale resize above; 0 = off
+    crop_prob: float = 0.0
+    crop_scales: tuple[int, int, int] = (400, 500, 600)
+    crop_range: tuple[int, int] = (384, 600)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_workers: int = 4
+    num_workers: int = field(default_factory=lambda: default_workers(4))  # min(4, CPUs per process on this node)
     max_images: int = 0  # use only the first N images of each split (smoke runs); 0 = all
 
 
@@ -109,7 +114,7 @@ class Ade20kDataConfig:
     slide_stride: int = 341  # sliding-window stride at evaluation (MMSegmentation's 512 / 341)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_workers: int = 4
+    num_workers: int = field(default_factory=lambda: default_workers(4))  # min(4, CPUs per process on this node)
     check_labels: bool = True  # read every label PNG once before training to refuse out-of-range class ids
     max_images: int = 0  # use only the first N images of each split (smoke runs); 0 = all
 

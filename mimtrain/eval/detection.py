@@ -4,8 +4,9 @@ The detector is torchvision's `MaskRCNN` (RPN, RoIAlign box and mask heads, its 
 backbone: the encoder built for a square canvas (`dense_backbone.DenseBackbone`, strides 4-32) under torchvision's
 `FeaturePyramidNetwork` with a max-pooled stride-64 level for the RPN, as in the Mask R-CNN FPN baseline. Training is
 AdamW with layer-wise lr decay over the encoder, linear warm-up and x0.1 steps (1x: 12 epochs, steps after 8 and 11;
-3x: 36 epochs, 27 and 33, multi-scale shorter side 480-800). Box and mask AP on the validation split come from
-pycocotools' COCOeval and go to `metrics.jsonl` and `results.json`; the trained detector to `final/model.safetensors`.
+3x: 36 epochs, 27 and 33, multi-scale shorter side 480-800, and in the Swin/HiViT-style 3x recipes a random resize
++ crop before it, `coco.ResizeCrop`). Box and mask AP on the validation split come from pycocotools' COCOeval and go
+to `metrics.jsonl` and `results.json`; the trained detector to `final/model.safetensors`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..config import ConfigError
+from ..engine.distributed import unwrap
 from ..engine.logging import RunLogger
-from .coco import CocoInstances, coco_metrics, collate, to_coco_results
-from .common import start_run, write_results
+from .coco import CocoInstances, ResizeCrop, coco_metrics, collate, to_coco_results
+from .common import say, start_run, write_results
 from .dense_backbone import DenseBackbone
 from .dense_common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
                            save_final, step_schedule)
@@ -113,7 +115,8 @@ def _datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
     if not d.root:
         raise ConfigError("set data.root to the COCO folder (annotations/instances_{train,val}2017.json, "
                           "train2017/, val2017/)")
-    train = CocoInstances(d.root, d.train_split, train=True, hflip=d.hflip, max_images=d.max_images)
+    crop = ResizeCrop(d.crop_prob, d.crop_scales, d.crop_range, d.max_size) if d.crop_prob > 0 else None
+    train = CocoInstances(d.root, d.train_split, train=True, hflip=d.hflip, max_images=d.max_images, crop=crop)
     val = CocoInstances(d.root, d.val_split, train=False, max_images=d.max_images)
     if train.cat_ids != val.cat_ids:
         raise ValueError(f"{train.ann_file} and {val.ann_file} list different categories")
@@ -154,10 +157,10 @@ def detect(cfg: DetectConfig, source: str) -> dict:
     log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
 
     def evaluate(step: int) -> dict:
-        metrics, text = evaluate_detection(acc.unwrap_model(model), val_set, cfg, acc)  # no DDP collectives
+        metrics, text = evaluate_detection(unwrap(acc, model), val_set, cfg, acc)  # no DDP collectives
         if metrics:
             log.scalars(step, {f"val/{k}_{n}": v for k in ("bbox", "segm") for n, v in metrics[k].items()})
-            acc.print(f"step {step}: box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}\n{text}")
+            say(acc, f"step {step}: box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}\n{text}")
         return metrics
 
     def should_eval(step: int) -> bool:

@@ -4,11 +4,14 @@ A source is any of: a pretraining run directory (its latest complete checkpoint)
 (`model.safetensors` holding the method's state dict: encoder keys under `encoder.`, decoder keys beside them, plus the
 resolved `config.yaml`), an export directory (`encoder.safetensors` + `config.yaml`), or a plain weights file
 (`.safetensors`, or `.pth/.pt/.bin` read with `torch.load(weights_only=True)`: a timm or official-MAE ViT state dict,
-possibly nested under `model`). Nothing is unpickled beyond tensors, so loading never executes code, with one
-exception: a DeepSpeed checkpoint (`pytorch_model/`, ZeRO-1/2/3) is consolidated by DeepSpeed's `zero_to_fp32`, which
-unpickles DeepSpeed's own files, as resuming does; consolidate only checkpoints you trust (your own runs). FSDP's
-sharded checkpoints (`pytorch_model_fsdp_0/`, torch.distributed.checkpoint) are merged by accelerate's
-`merge_fsdp_weights`. Either way the encoder comes out whole, in fp32.
+possibly nested under `model`). Nothing is unpickled beyond tensors, so loading never executes code: a DeepSpeed
+checkpoint (`pytorch_model/`, ZeRO-1/2/3) is consolidated by DeepSpeed's `zero_to_fp32` with every `torch.load` forced
+to weights_only (tensors plus DeepSpeed's plain-data state classes), after a scan that refuses, naming the file, any
+archive referencing other code. FSDP's sharded checkpoints (`pytorch_model_fsdp_0/`, torch.distributed.checkpoint) are
+merged by accelerate's `merge_fsdp_weights`, once their pickled `.metadata` index has been scanned the same way. Either
+way the encoder comes out whole, in fp32. Checkpoint directories are read back (`verify`) before use: a truncated or
+damaged file is refused by name, and a run directory resolves exactly as `resume=auto` does, to its newest complete
+checkpoint.
 
 Loading is strict: before any training step, every missing, unexpected or differently shaped tensor is listed, and a
 checkpoint of one architecture is refused for another with a message naming both. Only what a new task is expected to
@@ -19,6 +22,7 @@ evaluation resolution differs from pretraining.
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +34,7 @@ from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
 from torch import Tensor, nn
 
 from ..encoders import build_encoder
-from ..engine.checkpoint import Checkpoints
+from ..engine.checkpoint import Checkpoints, pickle_imports, refuse_code, tensors_only, verify
 from ..methods import mask_mode_for
 
 ENCODER_FILE = "encoder.safetensors"
@@ -40,7 +44,8 @@ TRAIN_STATE = "trainer_state_0.json"  # in every mimtrain training checkpoint, w
 DEEPSPEED_DIR = "pytorch_model"  # accelerate save_state under DeepSpeed: the engine's checkpoint (tag) directory
 FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"  # ... under FSDP with a sharded state dict (torch.distributed.checkpoint)
 FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # ... under FSDP with a full state dict
-HEAD = re.compile(r"(^|\.)(head|head_fc)\.")  # classification heads: never carried over to a new task
+HEAD = re.compile(r"(^|\.)(head|head_fc|fc_norm)\.")  # classification heads (MAE's fc_norm is part of one): never
+# carried over to a new task
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "rel_index")  # rebuilt by the model for its geometry
 
 
@@ -86,11 +91,13 @@ def resolve(path: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint not found: {p}")
     if p.is_file() or (p / ENCODER_FILE).is_file() or (p / MODEL_FILE).is_file() or (p / TRAIN_STATE).is_file():
         return p
-    if (p / "checkpoints").is_dir():
-        latest = Checkpoints(p).latest()
-        if latest is None:
-            raise LoadError(f"{p} is a run directory without a complete checkpoint (checkpoints/latest is missing)")
-        return latest
+    if (p / "checkpoints").is_dir():  # the checkpoint resume=auto would take (CheckpointError if none is complete)
+        newest, rejected = Checkpoints(p).newest_complete()
+        if newest is None:
+            raise LoadError(f"{p} is a run directory without a checkpoint")
+        for bad, why in rejected:
+            print(f"{p}: skipping {bad.name}: {why}", file=sys.stderr)
+        return newest
     if any(p.glob("*zero_pp_rank*")) or any(p.glob("*_fsdp*")):
         raise LoadError(f"{p} holds sharded DeepSpeed/FSDP states: pass the mimtrain checkpoint that contains them "
                         "(step-N/, with config.yaml), or the run directory")
@@ -144,7 +151,7 @@ def read_source(path: str | Path) -> Source:
         return Source(load_file(str(p / ENCODER_FILE)), EncoderSpec(**cfg["encoder"]), str(p))
     if not (p / CONFIG_FILE).is_file():
         raise LoadError(f"checkpoint {p} has no {CONFIG_FILE}: cannot tell which encoder it holds")
-    cfg = yaml.safe_load((p / CONFIG_FILE).read_text())
+    cfg = verify(p, training_state=False)  # config and weight files read back; a damaged one is named
     return Source(_encoder_part(method_state(p)), _spec_from_pretraining(cfg), str(p))
 
 
@@ -155,11 +162,14 @@ def method_state(ckpt: Path) -> dict[str, Tensor]:
     if (ckpt / DEEPSPEED_DIR).is_dir():  # fp32 master weights from every process's optimizer partition (ZeRO-1/2/3)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_DIR)
+        refuse_code(sorted((ckpt / DEEPSPEED_DIR).glob("*.pt")), UNTRUSTED_DEEPSPEED.format(ckpt=ckpt))
+        with tensors_only():  # zero_to_fp32 asks torch.load for full unpickling
+            merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_DIR)
         return {k: v.clone() for k, v in merged.items()}  # views into flat partitions: one storage per tensor
     if (ckpt / FSDP_SHARDED_DIR).is_dir():
         from accelerate.utils import merge_fsdp_weights
 
+        _refuse_code_in_dcp_index(ckpt / FSDP_SHARDED_DIR / ".metadata")  # torch.distributed.checkpoint unpickles it
         with tempfile.TemporaryDirectory() as tmp:
             merge_fsdp_weights(str(ckpt / FSDP_SHARDED_DIR), tmp, safe_serialization=True)
             return load_file(f"{tmp}/{MODEL_FILE}")
@@ -167,6 +177,38 @@ def method_state(ckpt: Path) -> dict[str, Tensor]:
         return torch.load(ckpt / FSDP_FULL_FILE, map_location="cpu", weights_only=True)
     raise LoadError(f"{ckpt} holds no model weights ({MODEL_FILE}, {DEEPSPEED_DIR}/ or {FSDP_SHARDED_DIR}/): "
                     "was the checkpoint interrupted while being copied?")
+
+
+UNTRUSTED_DEEPSPEED = ("if you trust it, consolidate it yourself with DeepSpeed's script and pass the result: "
+                       "python {ckpt}/zero_to_fp32.py {ckpt} OUT_DIR --safe_serialization --tag pytorch_model")
+DCP_INDEX_NAMES = {"torch.distributed.checkpoint.filesystem._StorageInfo", "pathlib.PosixPath", "torch.Size",
+                   "torch.serialization._get_layout", "collections.OrderedDict"}
+
+
+def _dcp_index_type(name: str) -> bool:
+    """The records and data types a torch.distributed.checkpoint index holds (exact names: a pickle can reach any
+    attribute path, so no prefix is trusted)."""
+    import torch.distributed.checkpoint.metadata as records
+
+    module, _, attr = name.rpartition(".")
+    if module == records.__name__:
+        return isinstance(getattr(records, attr, None), type) and getattr(records, attr).__module__ == module
+    if module == "torch" and isinstance(getattr(torch, attr, None), (torch.dtype, torch.layout, torch.memory_format)):
+        return True
+    return name in DCP_INDEX_NAMES
+
+
+def _refuse_code_in_dcp_index(path: Path) -> None:
+    """torch.distributed.checkpoint reads its `.metadata` with plain pickle: refuse, before it does, an index that
+    imports anything beyond its own records and torch's data types (opcodes are scanned; nothing is unpickled)."""
+    try:
+        names = pickle_imports(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 -- unreadable: refused either way
+        raise LoadError(f"{path} is not a readable torch.distributed.checkpoint index: {e}") from None
+    unsafe = sorted(n for n in names if not _dcp_index_type(n))
+    if unsafe:
+        raise LoadError(f"{path} references {', '.join(unsafe[:4])}: loading it would run code, so it is refused; "
+                        "if you trust it, merge it yourself (accelerate merge-weights) and pass the merged file")
 
 
 # ---------------------------------------------------------------------------------------------------------- fitting
@@ -287,7 +329,8 @@ def load_encoder(path: str | Path, name: str = "", kwargs: dict | None = None, i
 
 
 def export(src: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir/encoder.safetensors` + `config.yaml` (the spec) from any source that carries a config."""
+    """Write `out_dir/encoder.safetensors` + `config.yaml` (the spec) from any source that carries a config, and
+    timm's `config.json` + `model.safetensors` beside them (`export_formats.write_timm_layout`)."""
     p = resolve(src)
     source = read_source(p)
     if source.spec is None:
@@ -301,5 +344,11 @@ def export(src: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in source.state.items()}, str(out / ENCODER_FILE))
     meta = {"encoder": asdict(source.spec), "source": str(p)}
+    if p.is_dir() and (p / CONFIG_FILE).is_file():  # the normalisation it was trained with: evaluation follows it
+        data = (yaml.safe_load((p / CONFIG_FILE).read_text()) or {}).get("data") or {}
+        meta["data"] = {k: data[k] for k in ("mean", "std") if k in data}
     (out / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    from .export_formats import write_timm_layout  # it builds on this module
+
+    write_timm_layout(out, source.spec, meta.get("data") or {})  # config.json + model.safetensors, for timm and hub
     return out

@@ -1,10 +1,12 @@
 """`mimtrain finetune`: end-to-end classification from a pretrained encoder (MAE / BEiT fine-tuning protocol).
 
 The encoder is rebuilt from the checkpoint at the fine-tuning resolution (position tables resized), gets a new head
-with `data.num_classes` outputs and is trained with timm's RandAugment + random erasing, Mixup/CutMix with soft-target
-cross-entropy (label smoothing), drop path, AdamW with layer-wise lr decay, warm-up + cosine, and optionally an EMA of
-the weights. Top-1/top-5 on `data.val_shards` go to `metrics.jsonl`, TensorBoard and `results.json`; the fine-tuned
-model is written as an export (`final/encoder.safetensors` + `config.yaml`).
+with `data.num_classes` outputs (ViT and HiViT: MAE's, the average of the patch tokens without the pretrained final
+norm, a fresh `fc_norm` LayerNorm, head weights drawn with std 2e-5) and is trained with timm's RandAugment + random
+erasing, Mixup/CutMix with soft-target cross-entropy (label smoothing), drop path, AdamW with layer-wise lr decay,
+warm-up + cosine, and optionally an EMA of the weights. Top-1/top-5 on `data.val_shards` go to `metrics.jsonl`,
+TensorBoard and `results.json`; the fine-tuned model is written as an export (`final/encoder.safetensors` +
+`config.yaml`).
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from tqdm.auto import tqdm
 
 from ..config import derive
 from ..data.stream import ShardStream, count_samples
+from ..engine.distributed import unwrap
 from ..engine.logging import RunLogger
 from ..engine.optim import build_schedule
-from .common import (PythonSeeded, accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate, logits,
-                     num_classes, resolve_pool, shard_urls, start_run, write_results)
+from .common import (PythonSeeded, accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate,
+                     follow_source, logits, num_classes, resolve_pool, say, shard_urls, start_run,
+                     write_results)
 from .config import EvalConfig
 from .export import CONFIG_FILE, ENCODER_FILE
 from .layer_decay import param_groups
@@ -56,11 +60,15 @@ class Classifier(nn.Module):
 def finetune(cfg: EvalConfig, source: str) -> dict:
     """Fine-tune the encoder in `source` (run dir, checkpoint, export or weights file). Returns the results dict."""
     acc = accelerator_for(cfg)
+    cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     # Everything that can be refused (shards, classes, checkpoint fit, schedule) is checked before any step.
     train_urls, val_urls = shard_urls(cfg)
     n_cls = num_classes(cfg, train_urls)
     encoder, spec = build_from_checkpoint(cfg, source, num_classes=n_cls, drop_path_rate=cfg.encoder.drop_path_rate)
     pool = resolve_pool(cfg.encoder.pool, encoder, default_cls=False)
+    if pool == "avg":  # MAE: fc_norm after the pool replaces the pretrained final norm, which then gets no gradient
+        for module in getattr(encoder, "unused_by_classifier", list)():
+            module.requires_grad_(False)
     d = derive(cfg, acc.num_processes, cfg.data.samples_per_epoch or count_samples(train_urls))
     groups = param_groups(encoder, cfg.optim.weight_decay, cfg.finetune.layer_decay, set(encoder.no_weight_decay()))
     for g in groups:
@@ -82,7 +90,7 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
               f"{d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}, layer decay {ft.layer_decay} over "
               f"{len({g['lr_scale'] for g in groups})} layers; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
     model, optimizer = acc.prepare(Classifier(encoder, pool), optimizer)
-    ema = ModelEmaV3(acc.unwrap_model(model), decay=ft.ema_decay) if ft.ema else None
+    ema = ModelEmaV3(unwrap(acc, model), decay=ft.ema_decay) if ft.ema else None
     streams = max(1, cfg.data.num_workers)
     data = ShardStream(train_urls, train_transform(cfg), cfg.train.batch_size, seed=cfg.seed,
                        rank=acc.process_index, world_size=acc.num_processes, num_streams=streams,
@@ -119,7 +127,7 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
             step += 1
             bar.update(1)
             if ema is not None:
-                ema.update(acc.unwrap_model(model), step=step)
+                ema.update(unwrap(acc, model), step=step)
             if step % cfg.train.log_every == 0 or step >= d.stop_step:
                 mean_loss = acc.reduce(loss_sum / n_micro, "mean").item()
                 lr = max(g["lr"] for g in optimizer.param_groups)
@@ -135,14 +143,14 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
         if last or (cfg.train.eval_every and epoch % cfg.train.eval_every == 0):
             metrics = _validate(model, ema, val, cfg, acc)
             best = max(best, metrics["top1"])
-            log.scalars(step, {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items() if k != "num_val"}})
-            acc.print(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
-                                                                  if k != "num_val"))
+            shown = {k: v for k, v in metrics.items() if k != "num_val" and v is not None}  # top5 None: < 5 classes
+            log.scalars(step, {"epoch": epoch, **{f"val/{k}": v for k, v in shown.items()}})
+            say(acc, f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
     bar.close()
     results = {"task": "finetune", "source": str(source), "encoder": spec.name, "pool": pool, "num_classes": n_cls,
                "step": step, "epochs": epoch, **metrics, "best_top1": best}
     write_results(out, results, acc)
-    _save_final(encoder, spec, n_cls, cfg, out, acc)
+    _save_final(encoder, spec, n_cls, cfg, out, acc, train_urls)
     log.close()
     acc.end_training()
     return results
@@ -158,7 +166,7 @@ def _validate(model, ema, val: ShardStream, cfg: EvalConfig, acc) -> dict:
     return metrics
 
 
-def _save_final(model, spec, n_cls: int, cfg: EvalConfig, out, acc) -> None:
+def _save_final(model, spec, n_cls: int, cfg: EvalConfig, out, acc, train_urls: list[str]) -> None:
     """The fine-tuned classifier as an export directory (the spec carries num_classes, so it rebuilds with head)."""
     if not acc.is_main_process:
         return
@@ -166,5 +174,11 @@ def _save_final(model, spec, n_cls: int, cfg: EvalConfig, out, acc) -> None:
     final.mkdir(exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(final / ENCODER_FILE))
     meta = {"encoder": {**asdict(spec), "img_size": cfg.data.img_size,
-                        "kwargs": {**spec.kwargs, "num_classes": n_cls}}, "source": "finetune"}
+                        "kwargs": {**spec.kwargs, "num_classes": n_cls}}, "source": "finetune",
+            "data": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}}  # what evaluation of it follows
     (final / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    from .export import EncoderSpec
+    from .export_formats import label_names, write_timm_layout
+
+    # timm's config.json + model.safetensors beside, with the class names (docs/export.md)
+    write_timm_layout(final, EncoderSpec(**meta["encoder"]), meta["data"], label_names(train_urls, n_cls))

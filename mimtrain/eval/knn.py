@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data.stream import ShardStream
-from .common import (accelerator_for, eval_stream, frozen_encoder, num_classes, shard_urls, start_run, topk_correct,
-                     write_results)
+from .common import (accelerator_for, accuracies, eval_stream, follow_source, frozen_encoder, num_classes, shard_urls,
+                     start_run, topk_correct, write_results)
 from .config import EvalConfig
 from .linprobe import extract
 
@@ -37,18 +37,17 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, feats: Tensor, n_cls
 def knn_accuracy(encoder: nn.Module, train: ShardStream, val: ShardStream, cfg: EvalConfig, acc, pool: str,
                  n_cls: int) -> dict:
     """Top-1/top-5 (%) of weighted k-NN with `encoder`'s features of two streams (evaluation transform)."""
-    f_train, y_train = extract(encoder, train, pool, cfg, acc)
-    f_val, y_val = extract(encoder, val, pool, cfg, acc)
+    f_train, y_train = extract(encoder, train, pool, cfg, acc, "k-NN bank")
+    f_val, y_val = extract(encoder, val, pool, cfg, acc, "k-NN queries")
     scores = knn_classify(f_train, y_train, f_val, n_cls, cfg.knn.k, cfg.knn.temperature)
     c1, c5 = topk_correct(scores, y_val)
-    n = max(len(y_val), 1)
-    return {"top1": 100.0 * c1.item() / n, "top5": 100.0 * c5.item() / n, "num_val": len(y_val),
-            "num_train": len(y_train)}
+    return {**accuracies(c1.item(), c5.item(), len(y_val), n_cls), "num_val": len(y_val), "num_train": len(y_train)}
 
 
 def knn(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     """k-NN evaluation of the encoder in `source` on data.train_shards (the bank) and data.val_shards."""
     acc = accelerator_for(cfg)
+    cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     train_urls, val_urls = shard_urls(cfg)
     n_cls = num_classes(cfg, train_urls)
     encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)

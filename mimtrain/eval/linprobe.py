@@ -8,6 +8,8 @@ matrix as MAE's LARS), lr = blr x batch / 256, warm-up + cosine, on crop + flip 
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
 
 import torch
@@ -21,9 +23,12 @@ from ..data.stream import ShardStream, count_samples
 from ..data.transforms import pretrain_transform
 from ..engine.logging import RunLogger
 from ..engine.optim import build_schedule
-from .common import (accelerator_for, batches, eval_stream, evaluate, frozen_encoder, num_classes, pooled, shard_urls,
-                     start_run, topk_correct, write_results)
+from .common import (accelerator_for, accuracies, batches, eval_stream, evaluate, follow_source, frozen_encoder,
+                     num_classes, pooled, shard_urls, start_run, topk_correct, write_results)
 from .config import EvalConfig
+
+
+LARS_TRUST = 0.001  # timm Lars' default trust_coeff (as MAE's LARS), used by `lars` below
 
 
 class ProbeHead(nn.Sequential):
@@ -40,17 +45,51 @@ def lars(head: nn.Module, lr: float, weight_decay: float, momentum: float) -> La
     weights = [p for p in head.parameters() if p.ndim > 1]
     others = [p for p in head.parameters() if p.ndim <= 1]
     return Lars([{"params": weights, "always_adapt": True, "weight_decay": weight_decay},
-                 {"params": others, "always_adapt": False, "weight_decay": 0.0}], lr=lr, momentum=momentum)
+                 {"params": others, "always_adapt": False, "weight_decay": 0.0}], lr=lr, momentum=momentum,
+                trust_coeff=LARS_TRUST)
+
+
+def scheduled_lrs(d, min_lr: float) -> Tensor:
+    """The lr of each of the `d.stop_step` steps the head takes: linear warm-up from 0, cosine to min_lr at
+    `d.total_steps`, min_lr after it (`engine.optim.build_schedule`, written out)."""
+    t = torch.arange(d.stop_step, dtype=torch.float64)
+    warm = d.lr * t / max(d.warmup_steps, 1)
+    span = max(1, d.total_steps - d.warmup_steps)
+    progress = ((t - d.warmup_steps) / span).clamp(0, 1)
+    cosine = min_lr + 0.5 * (d.lr - min_lr) * (1 + torch.cos(math.pi * progress))
+    return torch.where(t < d.warmup_steps, warm, cosine)
+
+
+def head_budget(d, min_lr: float, momentum: float, trust_coeff: float = LARS_TRUST) -> float:
+    """How far the head's weight can travel, in units of its own norm, over the whole schedule.
+
+    LARS scales each step of the weight matrix to lr x trust_coeff x |w| (momentum adds up to 1 / (1 - momentum) of
+    it), so sum(lr) x trust_coeff / (1 - momentum) bounds the relative distance from the random initialisation.
+    Below 1 the head cannot leave its random direction: accuracy stays near or below chance (the old tiny recipe:
+    12 steps at lr 0.0016, 0.0002). MAE's ImageNet probe: about 220; the demo recipe: about 6."""
+    return float(scheduled_lrs(d, min_lr).sum()) * trust_coeff / (1.0 - momentum)
+
+
+def short_schedule_warning(budget: float, d) -> str:
+    return (f"warning: linear probe schedule too short for the head to train: {d.stop_step} steps at peak lr "
+            f"{d.lr:.3g} let LARS move the head {budget:.2g}x its initial norm (needs >= 1; expect chance-level "
+            f"accuracy); raise optim.lr / optim.blr or train.epochs, or use linprobe.cache_features=true for cheap "
+            f"steps (recipes/linprobe/tiny_cpu.yaml)")
 
 
 @torch.no_grad()
-def extract(encoder: nn.Module, stream: ShardStream, pool: str, cfg: EvalConfig, acc) -> tuple[Tensor, Tensor]:
-    """Pooled features and labels of one full pass, gathered from every process: ([N, C], [N])."""
+def extract(encoder: nn.Module, stream: ShardStream, pool: str, cfg: EvalConfig, acc,
+            desc: str = "features") -> tuple[Tensor, Tensor]:
+    """Pooled features and labels of one full pass, gathered from every process: ([N, C], [N]). A progress bar
+    (images done, rate) shows on the main process with train.progress: a pass over a large bank takes minutes."""
     feats, labels = [], []
+    bar = tqdm(desc=desc, unit="img", disable=not (acc.is_main_process and cfg.train.progress), leave=False)
     for batch in batches(stream, cfg, acc):
+        bar.update(len(batch["label"]))
         with acc.autocast():
             feats.append(pooled(encoder, batch["images"].to(acc.device), pool).float())
         labels.append(batch["label"].to(acc.device))
+    bar.close()
     f, y = torch.cat(feats), torch.cat(labels)
     if acc.num_processes > 1:  # unequal shares per process: gather_for_metrics is not meant for this, objects are
         from accelerate.utils import gather_object
@@ -62,6 +101,7 @@ def extract(encoder: nn.Module, stream: ShardStream, pool: str, cfg: EvalConfig,
 def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     """Linear-probe the encoder in `source`; `random_init` probes the same architecture untrained (a baseline)."""
     acc = accelerator_for(cfg)
+    cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     train_urls, val_urls = shard_urls(cfg)
     n_cls = num_classes(cfg, train_urls)
     encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)
@@ -70,10 +110,15 @@ def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     head = ProbeHead(encoder.embed_dim, n_cls).to(acc.device)
     optimizer = lars(head, d.lr, cfg.optim.weight_decay, cfg.linprobe.momentum)
     schedule = build_schedule(optimizer, d, cfg.optim)
-    out = start_run(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "random_init": random_init})
+    budget = head_budget(d, cfg.optim.min_lr, cfg.linprobe.momentum)
+    if budget < 1.0 and acc.is_main_process:
+        print(short_schedule_warning(budget, d), file=sys.stderr, flush=True)
+    out = start_run(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "random_init": random_init,
+                               "head_budget": budget})
+    lr_text = f"lr = {d.lr:.3g} (optim.lr)" if cfg.optim.lr > 0 else \
+        f"lr = blr {cfg.optim.blr:g} x {d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}"
     acc.print(f"linear probe of {'randomly initialised ' if random_init else ''}{spec.describe()} ({pool} "
-              f"features, dim {encoder.embed_dim}): lr = blr {cfg.optim.blr:g} x {d.effective_batch} / "
-              f"{cfg.optim.lr_base_batch} = {d.lr:.3g}; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
+              f"features, dim {encoder.embed_dim}): {lr_text}; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
     log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
     val = eval_stream(cfg, val_urls, acc)
     if cfg.linprobe.cache_features:
@@ -82,7 +127,7 @@ def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
         step, metrics = _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log)
     results = {"task": "linprobe", "source": str(source), "encoder": spec.name, "random_init": random_init,
                "pool": pool, "num_classes": n_cls, "step": step, **metrics}
-    log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5")})
+    log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5") and v is not None})
     write_results(out, results, acc)
     log.close()
     acc.end_training()
@@ -93,8 +138,8 @@ def _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_u
     """Features once (evaluation transform), then the head on shuffled feature batches; every process trains the
     same head on the gathered features (the head is tiny), so no gradient exchange is needed."""
     t0 = time.perf_counter()
-    f_train, y_train = extract(encoder, eval_stream(cfg, train_urls, acc), pool, cfg, acc)
-    f_val, y_val = extract(encoder, val, pool, cfg, acc)
+    f_train, y_train = extract(encoder, eval_stream(cfg, train_urls, acc), pool, cfg, acc, "features (train)")
+    f_val, y_val = extract(encoder, val, pool, cfg, acc, "features (val)")
     acc.print(f"features: {len(f_train)} train, {len(f_val)} val in {time.perf_counter() - t0:.1f}s")
     g = torch.Generator().manual_seed(cfg.seed)
     batch = d.effective_batch
@@ -124,9 +169,9 @@ def _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_u
     torch.set_num_threads(threads)
     head.eval()
     with torch.no_grad():
-        c1, c5 = topk_correct(head(f_val), y_val)
-    n = max(len(y_val), 1)
-    return step, {"top1": 100.0 * c1.item() / n, "top5": 100.0 * c5.item() / n, "num_val": len(y_val)}
+        scores = head(f_val)
+        c1, c5 = topk_correct(scores, y_val)
+    return step, {**accuracies(c1.item(), c5.item(), len(y_val), scores.shape[1]), "num_val": len(y_val)}
 
 
 def _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log) -> tuple[int, dict]:

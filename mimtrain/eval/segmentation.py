@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from ..config import ConfigError
 from ..engine.logging import RunLogger
 from .ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
-from .common import start_run, write_results
+from .common import say, start_run, write_results
 from .dense_backbone import DenseBackbone
 from .dense_common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
                            poly_schedule, save_final)
@@ -156,7 +156,7 @@ def segment(cfg: SegmentConfig, source: str) -> dict:
     def evaluate(step: int) -> dict:
         metrics = evaluate_segmentation(segmentor, val_set, cfg, acc)  # unwrapped: no DDP collectives
         log.scalars(step, {f"val/{k}": metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
-        acc.print(f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, aAcc {metrics['aAcc']:.4f}")
+        say(acc, f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, aAcc {metrics['aAcc']:.4f}")
         return metrics
 
     def should_eval(step: int) -> bool:

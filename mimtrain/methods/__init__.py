@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import ConfigError
 from .mae import MAE
 from .simmim import SimMIM
 
@@ -16,10 +17,26 @@ def mask_mode_for(method: str) -> str:
     return MASK_MODE[method]
 
 
+# Method settings that only one method reads: set to anything but their default with another method, they would be
+# accepted and silently ignored, so `build_method` refuses them.
+ONLY_FOR = {"decoder_dim": "mae", "decoder_depth": "mae", "decoder_heads": "mae"}
+
+
+def check_applicable(cfg) -> None:
+    """Refuse method settings that the chosen method does not read (cfg: `MethodConfig`), naming the key."""
+    defaults = type(cfg)()
+    ignored = [f"method.{k}={getattr(cfg, k)!r}" for k, owner in ONLY_FOR.items()
+               if owner != cfg.name and getattr(cfg, k) != getattr(defaults, k)]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)}: not read by method.name={cfg.name} (they shape MAE's transformer "
+                          "decoder, which it does not have); remove them from the recipe")
+
+
 def build_method(cfg, encoder: nn.Module, img_size: int) -> nn.Module:
-    """cfg: `MethodConfig`. A recipe that pairs a method with an encoder of the wrong mask mode is refused here,
-    before any data is read."""
+    """cfg: `MethodConfig`. A recipe that pairs a method with an encoder of the wrong mask mode, or sets a key the
+    method does not read, is refused here, before any data is read."""
     mask_mode_for(cfg.name)
+    check_applicable(cfg)
     if cfg.name == "mae":
         return MAE(encoder, img_size, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
                    decoder_heads=cfg.decoder_heads, norm_pix_loss=cfg.norm_pix_loss)

@@ -8,9 +8,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from mimtrain.encoders.base import mae_init_linear, mae_sincos_pos_embed
 
 
 def patchify(images: Tensor, u: int) -> Tensor:
@@ -47,8 +48,8 @@ class MAE(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        # Fixed sin-cos positions for the units; prefix tokens get position zero, as in MAE.
-        pos = build_sincos2d_pos_embed(list(self.grid), dim=decoder_dim)
+        # Fixed sin-cos positions for the units in MAE's channel layout; prefix tokens get position zero, as in MAE.
+        pos = mae_sincos_pos_embed(self.grid, decoder_dim)
         self.register_buffer("decoder_pos_embed", pos[None], persistent=False)
         self.decoder_blocks = nn.Sequential(*[
             Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
@@ -60,7 +61,7 @@ class MAE(nn.Module):
     def _init_decoder(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
-            m.apply(_init_linear)
+            m.apply(mae_init_linear)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", set)()}
@@ -112,13 +113,3 @@ class MAE(nn.Module):
         hidden = out["mask"].repeat_interleave(self.unit, 1).repeat_interleave(self.unit, 2)[:, None]
         return {"original": images, "masked": images.masked_fill(hidden, 0.0),
                 "reconstruction": torch.where(hidden, recon.to(images.dtype), images)}
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -1,0 +1,142 @@
+"""Taking possession of `output_dir` before a run writes anything: one run at a time, no silent restart.
+
+- An exclusive lock (a POSIX record lock, `fcntl.lockf`, on `output_dir/.mimtrain.lock`, taken by the main process
+  only: the processes of one launch share the directory). The kernel drops it when its holder exits or is killed, so
+  a lock left by a dead run is never in the way; the file records host and pid so that a refusal can name a live
+  holder. A record lock belongs to one process: DataLoader workers forked from the holder do not inherit it (with
+  flock they would, and a killed run's lingering workers would keep the directory locked), and NFS enforces it across
+  hosts (a SLURM requeue while the old job still runs). It is also dropped when the holder closes any descriptor of
+  the file, so only `RunLock` opens it.
+- A directory that already holds a run (checkpoints, metrics, logs) is continued only with `resume=`, or moved aside
+  whole to `<output_dir>.old-<UTC time>` with `overwrite=true`; nothing is deleted.
+- `resume=auto` takes the newest checkpoint that reads back whole (`Checkpoints.newest_complete`). Newer ones that do
+  not are renamed `rejected-step-N`, and a checkpoint newer than an explicitly chosen one `superseded-step-N`, so that
+  neither retention nor a later save of the same step can delete them.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+from .checkpoint import CheckpointError, Checkpoints, verify
+
+LOCK_FILE = ".mimtrain.lock"
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard")  # what makes a directory a used one
+
+
+class RunDirError(ValueError):
+    """output_dir cannot be used as asked (in use, or holding a run this command would overwrite)."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            held = e.errno in (errno.EACCES, errno.EAGAIN)
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            if held:
+                raise RunDirError(f"{self.path.parent} is in use by another mimtrain run ({holder}): wait for it to "
+                                  "end, or use another output_dir") from None
+            raise RunDirError(f"cannot lock {self.path}: {os.strerror(e.errno)} (the filesystem must support POSIX "
+                              "locks; use another output_dir)") from None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {stamp}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def holds_run(out: Path) -> list[str]:
+    """The run files `out` holds (empty: a new or unused directory)."""
+    return [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("keys_rank*.txt"))
+
+
+def claim(accelerator, output_dir: str, resume: str, overwrite: bool) -> tuple[RunLock | None, Path | None]:
+    """Collective: the main process opens the run directory (`open_run_dir`) and every process learns the outcome,
+    so a refusal ends the whole launch at once instead of leaving the other processes waiting on the main one."""
+    lock, outcome = None, [None, None]  # [checkpoint to resume from, (error class, message)]
+    if accelerator.is_main_process:
+        try:
+            lock, ckpt = open_run_dir(output_dir, resume, overwrite, say=accelerator.print)
+            outcome = [str(ckpt) if ckpt else None, None]
+        except (RunDirError, CheckpointError) as e:
+            outcome = [None, (type(e).__name__, str(e))]
+    outcome = broadcast_object_list(outcome)
+    if outcome[1]:
+        kind, message = outcome[1]
+        raise (RunDirError if kind == "RunDirError" else CheckpointError)(message)
+    return lock, Path(outcome[0]) if outcome[0] else None
+
+
+def open_run_dir(output_dir: str, resume: str, overwrite: bool, say=print) -> tuple[RunLock, Path | None]:
+    """Main process only: lock `output_dir`, apply the resume/overwrite rules and return the lock and the checkpoint
+    to resume from (None: start at step 0). Raises RunDirError / CheckpointError with the ways forward."""
+    if overwrite and resume:
+        raise RunDirError(f"overwrite=true and resume={resume} contradict each other: choose one")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()
+    try:
+        used = holds_run(out)
+        if used and overwrite:
+            lock = _move_aside(out, lock, say)
+        elif used and not resume:
+            raise RunDirError(
+                f"output_dir {out} already holds a run ({', '.join(used)}). Continue it with resume=auto, or start "
+                f"over with overwrite=true (moves it to {out}.old-<time>; nothing is deleted)")
+        return lock, _checkpoint_to_resume(Checkpoints(out), resume, say)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _move_aside(out: Path, lock: RunLock, say) -> RunLock:
+    """Rename the old run (held under its lock meanwhile) and lock the new, empty directory."""
+    dest = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    os.replace(out, dest)
+    out.mkdir()
+    new = RunLock(out).acquire()
+    lock.release()
+    say(f"overwrite=true: moved the previous run to {dest}")
+    return new
+
+
+def _checkpoint_to_resume(ckpts: Checkpoints, resume: str, say) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpt, rejected = ckpts.newest_complete()
+        for bad, why in rejected:
+            moved = ckpts.set_aside(bad, "rejected")
+            say(f"resume=auto: skipping {bad.name}: {why}; kept as {moved.name}")
+        if ckpt is None:
+            say(f"resume=auto: no checkpoint in {ckpts.root}: starting at step 0")
+        return ckpt
+    ckpt = Path(resume)
+    if not (ckpt / "trainer_state_0.json").exists():
+        raise CheckpointError(f"resume={resume}: not a mimtrain training checkpoint (no trainer_state_0.json)")
+    verify(ckpt)
+    if ckpt.resolve().parent == ckpts.root.resolve() and ckpt.name[5:].isdigit():  # an older one of this run
+        for newer in [p for p in ckpts.steps() if int(p.name[5:]) > int(ckpt.name[5:])]:
+            say(f"resume={resume}: {newer.name} is newer than the checkpoint resumed from; kept as "
+                f"{ckpts.set_aside(newer, 'superseded').name}")
+    return ckpt
