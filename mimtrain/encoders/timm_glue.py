@@ -12,7 +12,7 @@ import functools
 import logging
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
 from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
@@ -87,12 +87,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     if any(k.startswith("encoder.") for k in sd):  # MAE/SimMIM state: encoder + decoder
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     own = model.state_dict()
-    if hasattr(model, "vit") and not any(k.startswith("vit.") for k in sd):  # plain timm / official MAE ViT keys
-        sd = {f"vit.{k}": v for k, v in sd.items()
-              if not k.startswith("decoder") and not (k == "mask_token" and v.ndim == 3)}
-    if hasattr(model, "adapt_state_dict"):
-        sd = model.adapt_state_dict(sd)
-    sd = {k: _resize_pos_embed(model, k, v, own[k]) if k in own else v for k, v in sd.items()}
+    sd = fit_state_dict(model, sd)
     sd = {k: v for k, v in sd.items() if not (k.endswith(DERIVED_BUFFERS) and k in own and v.shape != own[k].shape)}
     return _new_task_modules(model, sd, own)
 
@@ -113,13 +108,46 @@ def _new_task_modules(model: nn.Module, sd: dict[str, Tensor], own: dict[str, Te
     return sd
 
 
-def _resize_pos_embed(model: nn.Module, key: str, value: Tensor, target: Tensor) -> Tensor:
-    """Absolute position tables [1, P+N, C] saved at another input size -> the model's grid (bicubic)."""
-    if not key.endswith("pos_embed") or value.shape == target.shape or value.ndim != 3:
-        return value
-    grid = getattr(model, "grid_size", None) or model.vit.patch_embed.grid_size
-    prefix = value.shape[1] - int(round((value.shape[1]) ** 0.5)) ** 2  # class tokens in front of a square grid
-    return resample_abs_pos_embed(value.float(), list(grid), num_prefix_tokens=prefix).to(value.dtype)
+def _timm_vit_keys(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A plain timm / official-MAE ViT state dict (`blocks.0.attn.qkv.weight`, `pos_embed`, ...) -> our `vit.` keys.
+
+    MAE's pretraining checkpoints also hold the decoder (`decoder_*`) and the decoder's mask token ([1, 1, C_dec]);
+    neither belongs to the encoder.
+    """
+    if not hasattr(model, "vit") or any(k.startswith("vit.") for k in sd):
+        return sd
+    return {f"vit.{k}": v for k, v in sd.items()
+            if not k.startswith("decoder") and not (k == "mask_token" and v.ndim == 3)}
+
+
+def _grid(model: nn.Module) -> tuple[int, int]:
+    return tuple(getattr(model, "grid_size", None) or model.vit.patch_embed.grid_size)
+
+
+def fit_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Resize the input-size-bound tables of `sd` to `model` (the encoder's own `adapt_state_dict` first, then
+    absolute position embeddings [1, P+N, C] / [N, C] and relative position bias tables [(2h-1)(2w-1), heads])."""
+    sd = _timm_vit_keys(sd, model)
+    if hasattr(model, "adapt_state_dict"):
+        sd = model.adapt_state_dict(sd)
+    own = model.state_dict()
+    out = {}
+    for key, value in sd.items():
+        target = own.get(key)
+        if target is not None and value.shape != target.shape and value.ndim == target.ndim:
+            if key.endswith("pos_embed") and value.ndim in (2, 3):
+                grid = _grid(model)
+                v = value if value.ndim == 3 else value[None]
+                prefix = v.shape[-2] - int(round(v.shape[-2] ** 0.5)) ** 2  # class tokens in front of a square grid
+                v = resample_abs_pos_embed(v.float(), list(grid), num_prefix_tokens=prefix).to(value.dtype)
+                value = v if value.ndim == 3 else v[0]
+            elif key.endswith("relative_position_bias_table") and value.ndim == 2:
+                owner = model.get_submodule(key.rsplit(".", 1)[0])
+                window = tuple(getattr(owner, "window_size", None) or _grid(model))
+                value = resize_rel_pos_bias_table_simple(value.float(), window, tuple(target.shape)).to(value.dtype)
+        out[key] = value
+    return out
+
 
 
 # ------------------------------------------------------------------------------------------------ the model API

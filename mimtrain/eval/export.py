@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
 from torch import Tensor, nn
 
 from ..encoders import build_encoder
+from ..encoders.timm_glue import DERIVED_BUFFERS, fit_state_dict
 from ..engine.checkpoint import Checkpoints, pickle_imports, refuse_code, tensors_only, verify
 from ..methods import mask_mode_for
 
@@ -46,7 +46,6 @@ FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"  # ... under FSDP with a sharded state
 FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # ... under FSDP with a full state dict
 HEAD = re.compile(r"(^|\.)(head|head_fc|fc_norm)\.")  # classification heads (MAE's fc_norm is part of one): never
 # carried over to a new task
-DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "rel_index")  # rebuilt by the model for its geometry
 
 
 class LoadError(ValueError):
@@ -212,47 +211,6 @@ def _refuse_code_in_dcp_index(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- fitting
-
-def _timm_vit_keys(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """A plain timm / official-MAE ViT state dict (`blocks.0.attn.qkv.weight`, `pos_embed`, ...) -> our `vit.` keys.
-
-    MAE's pretraining checkpoints also hold the decoder (`decoder_*`) and the decoder's mask token ([1, 1, C_dec]);
-    neither belongs to the encoder.
-    """
-    if not hasattr(model, "vit") or any(k.startswith("vit.") for k in sd):
-        return sd
-    return {f"vit.{k}": v for k, v in sd.items()
-            if not k.startswith("decoder") and not (k == "mask_token" and v.ndim == 3)}
-
-
-def _grid(model: nn.Module) -> tuple[int, int]:
-    return tuple(getattr(model, "grid_size", None) or model.vit.patch_embed.grid_size)
-
-
-def fit_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Resize the input-size-bound tables of `sd` to `model` (the encoder's own `adapt_state_dict` first, then
-    absolute position embeddings [1, P+N, C] / [N, C] and relative position bias tables [(2h-1)(2w-1), heads])."""
-    sd = _timm_vit_keys(sd, model)
-    if hasattr(model, "adapt_state_dict"):
-        sd = model.adapt_state_dict(sd)
-    own = model.state_dict()
-    out = {}
-    for key, value in sd.items():
-        target = own.get(key)
-        if target is not None and value.shape != target.shape and value.ndim == target.ndim:
-            if key.endswith("pos_embed") and value.ndim in (2, 3):
-                grid = _grid(model)
-                v = value if value.ndim == 3 else value[None]
-                prefix = v.shape[-2] - int(round(v.shape[-2] ** 0.5)) ** 2  # class tokens in front of a square grid
-                v = resample_abs_pos_embed(v.float(), list(grid), num_prefix_tokens=prefix).to(value.dtype)
-                value = v if value.ndim == 3 else v[0]
-            elif key.endswith("relative_position_bias_table") and value.ndim == 2:
-                owner = model.get_submodule(key.rsplit(".", 1)[0])
-                window = tuple(getattr(owner, "window_size", None) or _grid(model))
-                value = resize_rel_pos_bias_table_simple(value.float(), window, tuple(target.shape)).to(value.dtype)
-        out[key] = value
-    return out
-
 
 def load_into(model: nn.Module, sd: dict[str, Tensor], where: str, target: str, new_head: bool = True) -> dict:
     """Strictly load encoder weights `sd` into `model`, or raise LoadError listing everything that does not fit.
