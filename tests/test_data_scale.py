@@ -181,7 +181,7 @@ def test_a_worker_that_raises_mid_epoch_ends_the_run_and_its_children(tmp_path):
     _uneven_shards(tmp_path / "bad", (32,), garbage_after=16)
     proc = _start(_pretrain_args(tmp_path / "bad", tmp_path / "run", "data.num_workers=2", "train.log_every=1"))
     code, out, err, _ = _finish(proc, 240)  # the start-up (imports, model) is most of it; see the next check
-    assert code != 0 and "decoded no image" in err and "DataLoader worker" in err, err
+    assert code == 1 and "decoded no image" in err and "DataLoader worker" in err, err
     steps = [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]  # it failed mid-epoch, after the first step
 
@@ -198,7 +198,7 @@ def test_a_worker_killed_by_the_os_ends_the_run_within_seconds(tmp_path):
     assert children, "no DataLoader worker found"
     os.kill(children[0], signal.SIGKILL)  # what the OOM killer does
     code, out, err, took = _finish(proc, 30)
-    assert code != 0 and "DataLoader worker" in err and took < 30, err
+    assert code == 1 and "DataLoader worker" in err and took < 30, err
 
 
 _FAIL_WHILE_STARTING = """
