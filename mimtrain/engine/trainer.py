@@ -74,9 +74,10 @@ def pretrain(cfg: Config) -> dict:
     if resume_from is not None:
         state = restore(resume_from, cfg, accelerator, state)
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
-    config_text = yaml.safe_dump({**to_dict(cfg), "derived": d.as_dict()}, sort_keys=False)
+    resolved = {**to_dict(cfg), "derived": d.as_dict()}
+    config_text = yaml.safe_dump(resolved, sort_keys=False)
     log = RunLogger(cfg.output_dir, enabled=accelerator.is_main_process, log_with=cfg.train.log_with,
-                    hparams={**to_dict(cfg), "derived": d.as_dict()})  # the resolved config as hyper-parameters
+                    hparams=resolved)  # the resolved config as hyper-parameters
     if accelerator.is_main_process:
         (log.dir / "config.yaml").write_text(config_text)
         accelerator.print(f"lr = blr {cfg.optim.blr:g} x {d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}"
