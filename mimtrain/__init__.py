@@ -4,4 +4,4 @@ Importing the package registers every encoder with timm, so `timm.create_model("
 `import mimtrain`. Heavy packages (DeepSpeed, pycocotools, transformers) are imported only by the commands that use
 them.
 """
-from . import encoders  # noqa: F401
+from mimtrain import encoders  # noqa: F401

@@ -24,8 +24,8 @@ def positive_int(text: str) -> int:
 
 
 def _pretrain(args) -> None:
-    from .config import load_config
-    from .engine.trainer import pretrain
+    from mimtrain.config.pretrain import load_config
+    from mimtrain.engine.trainer import pretrain
 
     cfg = load_config(args.recipe, args.overrides)
     summary = pretrain(cfg)
@@ -39,7 +39,7 @@ def _pretrain(args) -> None:
 
 
 def _make_shards(args) -> None:
-    from .data.shards import make_shards
+    from mimtrain.data.shards import make_shards
 
     make_shards(args.src, args.out_dir, shard_size=args.shard_size, split=args.split, seed=args.seed,
                 shuffle=not args.no_shuffle, workers=args.workers, overwrite=args.overwrite,
@@ -47,7 +47,7 @@ def _make_shards(args) -> None:
 
 
 def _demo_data(args) -> None:
-    from .demo_data import write_digits
+    from mimtrain.data.demo import write_digits
 
     n = write_digits(args.out_dir, args.size)
     print(f"wrote {n} images (scikit-learn digits, {args.size}x{args.size} RGB) to {args.out_dir}")
@@ -55,17 +55,17 @@ def _demo_data(args) -> None:
 
 def _export(args) -> None:
     if args.format == "mimtrain":
-        from .eval.export import export
+        from mimtrain.checkpoint.encoder import export
 
         out = export(args.ckpt, args.out_dir)
         print(f"exported encoder to {out} (encoder.safetensors + config.yaml; model.safetensors + config.json for "
-              "timm and mimtrain.hub)")
+              "timm and mimtrain.checkpoint.hub)")
     elif args.format == "timm-vit":
-        from .eval.export_formats import export_timm_vit
+        from mimtrain.checkpoint.formats import export_timm_vit
 
         print(f"exported a plain timm ViT to {export_timm_vit(args.ckpt, args.out_dir)}")
     else:
-        from .eval.export_formats import export_hf
+        from mimtrain.checkpoint.formats import export_hf
 
         for path in export_hf(args.ckpt, args.out_dir):
             print(f"exported {path}")
@@ -73,17 +73,17 @@ def _export(args) -> None:
 
 def _eval(kind: str):
     def run(args) -> None:
-        from .eval.config import load_eval_config
+        from mimtrain.config.classify import load_eval_config
 
         cfg = load_eval_config(kind, args.recipe, args.overrides)
         if kind == "finetune":
-            from .eval.finetune import finetune
+            from mimtrain.eval.classify.finetune import finetune
             res = finetune(cfg, args.source)
         elif kind == "linprobe":
-            from .eval.linprobe import linprobe
+            from mimtrain.eval.classify.linprobe import linprobe
             res = linprobe(cfg, args.source, random_init=args.random_init)
         else:
-            from .eval.knn import knn
+            from mimtrain.eval.classify.knn import knn
             res = knn(cfg, args.source, random_init=args.random_init)
         if not is_main_process():
             return
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. data.val_shards=... {example}")
         s.set_defaults(func=_eval(kind))
 
-    from .bench import add_parser as _bench; _bench(sub)  # noqa: E702
-    from .eval.dense_cli import add_parsers as _dense; _dense(sub)  # noqa: E702
+    from mimtrain.bench.harness import add_parser as _bench; _bench(sub)  # noqa: E702
+    from mimtrain.eval.dense.cli import add_parsers as _dense; _dense(sub)  # noqa: E702
     return p
 
 

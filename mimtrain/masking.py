@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .encoders.base import check_image_size
+from mimtrain.encoders.base import check_image_size
 
 
 def sample_seed(*parts) -> int:

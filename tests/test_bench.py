@@ -6,7 +6,7 @@ import json
 import pytest
 from helpers import REPO, make_test_shards
 
-from mimtrain.bench import format_report
+from mimtrain.bench.harness import format_report
 from mimtrain.cli import main
 
 TINY_VIT = ["encoder.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "method.decoder_dim=32",
@@ -52,7 +52,7 @@ def test_streamed_data_and_decode_modes(tmp_path, capsys, monkeypatch):
     (row,) = json.loads(out.read_text())["rows"]
     assert "error" not in row, row
     assert 0.0 <= row["data_wait_frac"] <= 1.0
-    monkeypatch.setattr("mimtrain.bench.DECODE_MIN_SECONDS", 0.01)
+    monkeypatch.setattr("mimtrain.bench.harness.DECODE_MIN_SECONDS", 0.01)
     main(["bench", "--decode", str(shards), "--img-size", "32", "--json", str(tmp_path / "decode.json")])
     (row,) = json.loads((tmp_path / "decode.json").read_text())["rows"]
     assert row["images"] == 12 and 0.0 <= row["reduced_scale_frac"] <= 1.0

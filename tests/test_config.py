@@ -1,6 +1,6 @@
 import pytest
 
-from mimtrain.config import Config, ConfigError, derive, load_config, merge, parse_override, read_config, save_config
+from mimtrain.config.pretrain import Config, ConfigError, derive, load_config, merge, parse_override, read_config, save_config
 
 
 def test_defaults_are_the_mae_vit_base_recipe():
@@ -56,8 +56,8 @@ def test_every_shipped_recipe_loads():
     """Each recipe folder is read with its own schema; a folder without one is an error, not a silent skip."""
     import pathlib
 
-    from mimtrain.eval.config import load_eval_config
-    from mimtrain.eval.dense_config import load_dense_config
+    from mimtrain.config.classify import load_eval_config
+    from mimtrain.config.dense import load_dense_config
 
     loaders = {"pretrain": load_config, "finetune": lambda r: load_eval_config("finetune", r),
                "linprobe": lambda r: load_eval_config("linprobe", r), "knn": lambda r: load_eval_config("knn", r),

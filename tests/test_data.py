@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import append_corrupt_jpeg, make_test_shards, run_cli, write_image_folder
-from mimtrain.config import MaskConfig
+from mimtrain.config.pretrain import MaskConfig
 from mimtrain.data.shards import make_shards
 from mimtrain.data.stream import ShardStream, count_samples, expand_shards, make_loader
 from mimtrain.data.transforms import pretrain_transform

@@ -15,13 +15,13 @@ from safetensors.torch import save_file
 import mimtrain.encoders  # noqa: F401  (registers the encoders)
 from helpers import run_cli
 from mimtrain.encoders import build_encoder
-from mimtrain.eval.ade20k import Ade20kVal, IoUMeter, find_root, list_pairs
-from mimtrain.eval.coco import CocoInstances, coco_metrics, to_coco_results
-from mimtrain.eval.dense_backbone import DenseBackbone
-from mimtrain.eval.dense_common import build_dense_encoder, dense_param_groups, poly_schedule, step_schedule
-from mimtrain.eval.dense_config import DenseOptimConfig, load_dense_config
-from mimtrain.eval.detection import build_detector, canvas_size, detect
-from mimtrain.eval.segmentation import evaluate_segmentation, segment, slide_logits
+from mimtrain.data.ade20k import Ade20kVal, IoUMeter, find_root, list_pairs
+from mimtrain.data.coco import CocoInstances, coco_metrics, to_coco_results
+from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.eval.dense.common import build_dense_encoder, dense_param_groups, poly_schedule, step_schedule
+from mimtrain.config.dense import DenseOptimConfig, load_dense_config
+from mimtrain.eval.dense.detection import build_detector, canvas_size, detect
+from mimtrain.eval.dense.segmentation import evaluate_segmentation, segment, slide_logits
 
 TINY = {  # per family: registered name, architecture kwargs (as the contract suite's tiny cases)
     "vit": ("mim_vit_tiny_patch16", {"embed_dim": 32, "depth": 2, "num_heads": 2}),

@@ -179,7 +179,7 @@ def mae_run(tmp_path_factory):
 
 
 def _ours(export):
-    from mimtrain.eval.export import load_encoder
+    from mimtrain.checkpoint.encoder import load_encoder
 
     model, _ = load_encoder(export, num_classes=0)
     return model.eval()
@@ -213,7 +213,7 @@ def test_export_loads_in_timm_with_the_runs_preprocessing(mae_run):
         with torch.no_grad():
             torch.testing.assert_close(local.forward_features(x)[0], ref.forward_features(x)[0], rtol=0, atol=1e-5)
 
-    from mimtrain import hub
+    from mimtrain.checkpoint import hub
 
     loaded = hub.from_pretrained(export)
     assert timm.data.resolve_data_config(model=loaded)["mean"] == (0.5, 0.5, 0.5)
@@ -250,8 +250,8 @@ def test_hf_export_matches_vitmae_and_vitmodel(mae_run):
     from helpers import run_cli
     from transformers import ViTMAEForPreTraining, ViTModel
 
-    from mimtrain.eval.export import method_state, resolve
-    from mimtrain.eval.export_formats import _training_mae
+    from mimtrain.checkpoint.encoder import method_state, resolve
+    from mimtrain.checkpoint.formats import _training_mae
 
     root, run, export = mae_run
     out = root / "hf"
@@ -281,8 +281,8 @@ def test_hf_export_matches_vitmae_and_vitmodel(mae_run):
 def test_finetuned_export_carries_class_names_and_reloads_with_its_head(mae_run):
     from helpers import run_cli
 
-    from mimtrain import hub
-    from mimtrain.eval.export import load_encoder
+    from mimtrain.checkpoint import hub
+    from mimtrain.checkpoint.encoder import load_encoder
 
     root, _, export = mae_run
     shards, out = root / "train" / "shards", root / "ft"
@@ -319,7 +319,7 @@ def test_tensorboard_tracker_logs_scalars_and_the_resolved_config(tmp_path):
 def test_unknown_or_missing_tracker_is_refused(tmp_path):
     from accelerate.utils import is_wandb_available
 
-    from mimtrain.config import ConfigError
+    from mimtrain.config.pretrain import ConfigError
     from mimtrain.engine.logging import RunLogger
 
     with pytest.raises(ConfigError, match="one of"):

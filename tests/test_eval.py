@@ -11,11 +11,11 @@ from safetensors.torch import load_file, save_file
 import mimtrain.encoders  # noqa: F401  (registers the encoders)
 from helpers import TINY_MAE, make_test_shards, run_cli
 from mimtrain.encoders import build_encoder
-from mimtrain.eval.config import load_eval_config
-from mimtrain.eval.export import HEAD, LoadError, load_encoder
-from mimtrain.eval.knn import knn, knn_classify
+from mimtrain.config.classify import load_eval_config
+from mimtrain.checkpoint.encoder import HEAD, LoadError, load_encoder
+from mimtrain.eval.classify.knn import knn, knn_classify
 from mimtrain.eval.layer_decay import layer_ids, param_groups
-from mimtrain.eval.linprobe import linprobe
+from mimtrain.eval.classify.linprobe import linprobe
 
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 HIVIT = {"dims": [16, 32, 64], "depths": [1, 1, 2], "num_heads": 2}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from mimtrain.config import ConfigError, TrainConfig, load_config
+from mimtrain.config.pretrain import ConfigError, TrainConfig, load_config
 from mimtrain.encoders import build_encoder
 from mimtrain.engine.fastpath import apply_fast_path
 from mimtrain.masking import MaskingService

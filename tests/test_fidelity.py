@@ -12,14 +12,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from mimtrain.config import ConfigError, MethodConfig, load_config
+from mimtrain.config.pretrain import ConfigError, MethodConfig, load_config
 from mimtrain.encoders import build_encoder
 from mimtrain.encoders.dgt import DGAttention
 from mimtrain.encoders.gpvit import GPViT, GroupPropagationBlock
 from mimtrain.encoders.hivit import HiViT
 from mimtrain.encoders.vit import ViTEncoder
-from mimtrain.eval.common import accuracies, resolve_pool
-from mimtrain.eval.linprobe import ProbeHead
+from mimtrain.eval.classify.common import accuracies, resolve_pool
+from mimtrain.eval.classify.linprobe import ProbeHead
 from mimtrain.methods import build_method
 from mimtrain.methods.mae import MAE
 from mimtrain.methods.simmim import SimMIM

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from mimtrain.flops import count_macs
+from mimtrain.bench.flops import count_macs
 
 
 def test_depthwise_conv_backward_costs_two_forwards():

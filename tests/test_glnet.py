@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mimtrain.encoders  # noqa: F401  (registers the models)
 from mimtrain.encoders.base import num_params
 from mimtrain.encoders.glnet import GLMix, GLNet
-from mimtrain.flops import count_params_and_macs
+from mimtrain.bench.flops import count_params_and_macs
 
 _TINY = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 4), num_slots=16, num_classes=5)
 # name: (params M, FLOPs G at 224) from the paper: Tables 1-3 (16G params: Table 3, 106M).

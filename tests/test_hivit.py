@@ -6,7 +6,7 @@ import timm
 import torch
 
 import mimtrain.encoders  # noqa: F401  (registers hivit_*)
-from mimtrain.flops import count_macs, count_params_and_macs
+from mimtrain.bench.flops import count_macs, count_params_and_macs
 
 TINY = dict(dims=(16, 32, 64), depths=(1, 1, 2), num_heads=2, num_classes=5)
 

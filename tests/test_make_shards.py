@@ -131,10 +131,10 @@ def test_hf_columns_splits_and_unlabelled_data(tmp_path, capsys):
 def test_commands_that_need_labels_refuse_unlabelled_shards_before_starting(tmp_path):
     import dataclasses
 
-    from mimtrain.config import Config
+    from mimtrain.config.pretrain import Config
     from mimtrain.engine.monitor import KnnMonitor
-    from mimtrain.eval.common import shard_urls
-    from mimtrain.eval.config import finetune_defaults, knn_defaults, linprobe_defaults
+    from mimtrain.eval.classify.common import shard_urls
+    from mimtrain.config.classify import finetune_defaults, knn_defaults, linprobe_defaults
 
     make_shards(_hf(tmp_path, with_label=False), tmp_path / "bare", image_column="picture", verbose=False)
     labelled = tmp_path / "lab"

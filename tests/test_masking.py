@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimtrain.config import MaskConfig
+from mimtrain.config.pretrain import MaskConfig
 from mimtrain.encoders import build_encoder
 from mimtrain.masking import MaskingService, block_mask, sample_seed
 

@@ -26,15 +26,15 @@ from safetensors.torch import load_file
 
 import mimtrain.encoders  # noqa: F401  (registers the encoders)
 from helpers import REPO, make_test_shards
-from mimtrain.config import load_config
+from mimtrain.config.pretrain import load_config
 from mimtrain.encoders import build_encoder
-from mimtrain.eval.coco import CocoInstances, ResizeCrop
-from mimtrain.eval.config import load_eval_config
-from mimtrain.eval.dense_backbone import DenseBackbone
-from mimtrain.eval.dense_config import load_dense_config
-from mimtrain.eval.detection import build_detector, canvas_size
-from mimtrain.eval.linprobe import ProbeHead
-from mimtrain.eval.segmentation import Segmentor
+from mimtrain.data.coco import CocoInstances, ResizeCrop
+from mimtrain.config.classify import load_eval_config
+from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.config.dense import load_dense_config
+from mimtrain.eval.dense.detection import build_detector, canvas_size
+from mimtrain.eval.classify.linprobe import ProbeHead
+from mimtrain.eval.dense.segmentation import Segmentor
 from mimtrain.methods import build_method, mask_mode_for
 from test_dense import write_ade, write_coco
 
@@ -275,15 +275,15 @@ def _tiny_eval(task: str, world, out: Path, family: str) -> list[str]:
 
 def _run_task(task: str, cfg, source: str) -> dict:
     if task == "finetune":
-        from mimtrain.eval.finetune import finetune
+        from mimtrain.eval.classify.finetune import finetune
         return finetune(cfg, source)
     if task == "linprobe":
-        from mimtrain.eval.linprobe import linprobe
+        from mimtrain.eval.classify.linprobe import linprobe
         return linprobe(cfg, source)
     if task == "detect":
-        from mimtrain.eval.detection import detect
+        from mimtrain.eval.dense.detection import detect
         return detect(cfg, source)
-    from mimtrain.eval.segmentation import segment
+    from mimtrain.eval.dense.segmentation import segment
     return segment(cfg, source)
 
 

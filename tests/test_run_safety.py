@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from helpers import PY, REPO, TINY_MAE, make_test_shards, run_cli
-from mimtrain.engine.checkpoint import CheckpointError, Checkpoints, pickle_imports, tensors_only, verify
+from mimtrain.checkpoint.state import CheckpointError, Checkpoints, pickle_imports, tensors_only, verify
 from mimtrain.engine.rundir import RunDirError, open_run_dir
-from mimtrain.eval.export import LoadError, load_encoder, read_source, resolve
+from mimtrain.checkpoint.encoder import LoadError, load_encoder, read_source, resolve
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
 FAST = ["data.num_workers=0", "train.image_every=0", "train.ckpt_every=2", "train.keep_last=0"]
@@ -218,7 +218,7 @@ def test_a_dcp_index_that_would_run_code_is_refused(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from mimtrain.eval.export import _refuse_code_in_dcp_index
+    from mimtrain.checkpoint.encoder import _refuse_code_in_dcp_index
 
     dcp.save({"w": torch.zeros(3)}, checkpoint_id=tmp_path / "good")
     _refuse_code_in_dcp_index(tmp_path / "good" / ".metadata")  # a real index passes

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mimtrain.config import load_config, derive
+from mimtrain.config.pretrain import load_config, derive
 from mimtrain.engine.optim import build_optimizer, build_schedule
 from mimtrain.encoders import build_encoder
 from mimtrain.methods.mae import MAE

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from helpers import PY, REPO, make_test_shards
 from mimtrain import cli
-from mimtrain.config import ConfigError, derive, load_config, merge, to_dict
+from mimtrain.config.pretrain import ConfigError, derive, load_config, merge, to_dict
 from mimtrain.encoders import build_encoder
-from mimtrain.eval.config import load_eval_config
+from mimtrain.config.classify import load_eval_config
 
 TINY_RECIPE = REPO / "recipes/pretrain/mae_vit_tiny_cpu.yaml"  # kwargs {patch_size: 4, embed_dim: 96, depth: 4, ...}
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -26,7 +26,7 @@ VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 def world(tmp_path_factory):
     """Labelled shards (3 classes: 24 train, 12 val) and a tiny ViT 'pretraining checkpoint' at 32 px with its own
     normalisation (model.safetensors + the resolved config.yaml, as the trainer writes them), and its export."""
-    from mimtrain.eval.export import export
+    from mimtrain.checkpoint.encoder import export
 
     root = tmp_path_factory.mktemp("surprises")
     train = make_test_shards(root / "train", classes=3, per_class=8, shard_size=6)
@@ -85,8 +85,8 @@ def test_replacing_a_mapping_is_explicit_and_inheritance_uses_the_same_merge(tmp
 
 def test_eval_takes_size_and_normalisation_from_the_source(world, capsys):
     """Before: knn/linprobe/finetune --from a 32 px run used 224 px and ImageNet's mean/std."""
-    from mimtrain.eval.common import source_preprocessing
-    from mimtrain.eval.knn import knn
+    from mimtrain.eval.classify.common import source_preprocessing
+    from mimtrain.eval.classify.knn import knn
 
     want = {"img_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     assert source_preprocessing(str(world["ckpt"])) == want
@@ -110,12 +110,12 @@ def test_eval_takes_size_and_normalisation_from_the_source(world, capsys):
 
 def test_workers_default_to_what_the_machine_has(monkeypatch):
     """Before: 8 DataLoader workers whatever the machine (a 2-core laptop included)."""
-    from mimtrain.config import default_workers
+    from mimtrain.config.pretrain import default_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
     assert default_workers() == 2
-    from mimtrain.eval.dense_config import load_dense_config
+    from mimtrain.config.dense import load_dense_config
 
     assert load_eval_config("knn").data.num_workers == 2 and load_config().data.num_workers == 2
     assert load_dense_config("segment").data.num_workers == 2
@@ -131,7 +131,7 @@ def test_workers_default_to_what_the_machine_has(monkeypatch):
 def test_head_budget_follows_the_real_schedule():
     """The warning's lr sum is checked against timm's scheduler as the probe builds it (an independent count)."""
     from mimtrain.engine.optim import build_schedule
-    from mimtrain.eval.linprobe import scheduled_lrs
+    from mimtrain.eval.classify.linprobe import scheduled_lrs
 
     cfg = load_eval_config("linprobe", None, ["train.epochs=7", "train.batch_size=8", "optim.warmup_epochs=2",
                                               "optim.min_lr=0.01", "train.max_steps=50"])
@@ -148,7 +148,7 @@ def test_head_budget_follows_the_real_schedule():
 def test_tiny_probe_recipe_trains_and_short_schedules_warn(world, capsys):
     """Before: recipes/linprobe/tiny_cpu.yaml gave its head 12 steps at lr 0.0016 and scored at or below chance
     (0-25% on 3 classes), silently."""
-    from mimtrain.eval.linprobe import linprobe
+    from mimtrain.eval.classify.linprobe import linprobe
 
     common = [f"data.train_shards={world['train']}", f"data.val_shards={world['val']}"]
     res = linprobe(load_eval_config("linprobe", "recipes/linprobe/tiny_cpu.yaml",
@@ -277,7 +277,7 @@ def test_out_of_range_values_are_refused_before_any_work(override, message, caps
 
 def test_mask_ratio_that_hides_nothing_is_refused(world, capsys, tmp_path):
     """Before: mask.ratio=0.005 on a 4x4 grid rounded to 0 hidden units, then NaN loss at step 1."""
-    from mimtrain.config import MaskConfig
+    from mimtrain.config.pretrain import MaskConfig
     from mimtrain.masking import MaskingService
 
     enc = build_encoder("mim_vit_tiny_patch16", 32, num_classes=0, **VIT)

@@ -36,9 +36,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..masking import MaskingService, sample_seed
-from .shards import IMAGE_EXTS, INDEX_NAME
-from .transforms import UndecodableImage, seeded
+from mimtrain.masking import MaskingService, sample_seed
+from mimtrain.data.shards import IMAGE_EXTS, INDEX_NAME
+from mimtrain.data.transforms import UndecodableImage, seeded
 
 _IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTS)
 

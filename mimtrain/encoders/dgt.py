@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from . import timm_glue
-from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders import timm_glue
+from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 __all__ = ["DGT", "DGAttention", "GlobalAttention", "dg_plan", "dynamic_group_attention", "group_layout",
            "nearest_centroid"]

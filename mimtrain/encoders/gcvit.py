@@ -23,9 +23,9 @@ from timm.layers import trunc_normal_
 from timm.models.gcvit import GlobalContextVit
 from torch import Tensor, nn
 
-from . import timm_glue
-from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
-from .swin import resize_rel_pos_tables
+from mimtrain.encoders import timm_glue
+from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders.swin import resize_rel_pos_tables
 
 
 class GCViTEncoder(timm_glue.TimmNative, nn.Module):

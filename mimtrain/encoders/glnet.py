@@ -26,8 +26,8 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
-from . import timm_glue
-from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders import timm_glue
+from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 MIXERS = ("glmix", "attn", "hybrid")  # per-stage spatial mixer: GLMix, full MHSA, or the two alternating
 

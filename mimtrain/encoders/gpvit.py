@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
 from torch import Tensor, nn
 
-from . import timm_glue
-from .base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders import timm_glue
+from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:

@@ -14,8 +14,8 @@ from timm.layers import resize_rel_pos_bias_table_simple, trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from . import timm_glue
-from .base import fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders import timm_glue
+from mimtrain.encoders.base import fill_tokens, resolve_mask_unit, strip_timm_kwargs
 
 # Non-persistent, size-bound buffers: the target model rebuilds them for its own window; old checkpoints carry them.
 _SIZE_BOUND_BUFFERS = ("relative_position_index", "attn_mask")

@@ -13,8 +13,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from . import timm_glue
-from .base import (mae_init_linear, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit, strip_timm_kwargs,
+from mimtrain.encoders import timm_glue
+from mimtrain.encoders.base import (mae_init_linear, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit, strip_timm_kwargs,
                    visible_order)
 
 

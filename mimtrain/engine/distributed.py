@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from ..config import Config, ConfigError
+from mimtrain.config.pretrain import Config, ConfigError
 
 FSDP_NEEDS_GPU = (
     "FSDP needs a GPU here: accelerate enables FSDP only on a GPU-class distributed type (MULTI_GPU, MULTI_XPU, ...); "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
-from ..config import ConfigError
+from mimtrain.config.pretrain import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PROJECT = "mimtrain"  # wandb project / mlflow experiment
@@ -81,7 +81,7 @@ class RunLogger:
         """One grid row per image: original | masked input | reconstruction (un-normalized to pixels)."""
         if not self.enabled:
             return
-        from ..data.transforms import denormalize
+        from mimtrain.data.transforms import denormalize
 
         cols = [denormalize(views[k][:max_images].float().cpu(), mean, std)
                 for k in ("original", "masked", "reconstruction")]

@@ -2,7 +2,7 @@
 
 The encoder being trained (unwrapped, eval mode, no grad) embeds `data.knn_train_shards` (the bank) and
 `data.val_shards` (the queries), both labelled; each process embeds its share of the shards and the features are
-gathered, then classified by `mimtrain.eval.knn.knn_classify` (the code of `mimtrain knn`; features are taken under
+gathered, then classified by `mimtrain.eval.classify.knn.knn_classify` (the code of `mimtrain knn`; features are taken under
 autocast, classified in fp32). The main process logs `knn/top1` and
 `knn/top5` (top-5 only with 5 classes or more). Not under ZeRO-3 / FSDP: their forward is a collective over parameter
 shards, and the processes' shares of the labelled shards differ in size; evaluate the checkpoints with `mimtrain knn --from RUN` instead.
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError
-from .distributed import module_dtype, params_sharded
+from mimtrain.config.pretrain import Config, ConfigError
+from mimtrain.engine.distributed import module_dtype, params_sharded
 
 
 class KnnMonitor:
@@ -38,9 +38,9 @@ class KnnMonitor:
         if params_sharded(accelerator):
             raise ConfigError("train.knn_every is not available under ZeRO-3 or FSDP (the encoder's parameters are "
                               "sharded); set train.knn_every=0 and run `mimtrain knn --from RUN` on the checkpoints")
-        from ..data.stream import expand_shards, require_labels
-        from ..eval.common import num_classes
-        from ..eval.config import knn_defaults
+        from mimtrain.data.stream import expand_shards, require_labels
+        from mimtrain.eval.classify.common import num_classes
+        from mimtrain.config.classify import knn_defaults
 
         base = knn_defaults()
         self.cfg = dataclasses.replace(base, seed=cfg.seed, data=dataclasses.replace(
@@ -60,10 +60,10 @@ class KnnMonitor:
     def __call__(self, step: int, method, accelerator, log) -> None:
         if not self.every or step % self.every:
             return
-        from ..eval.common import accuracies, eval_stream, resolve_pool, topk_correct
-        from ..eval.knn import knn_classify
-        from ..eval.linprobe import extract
-        from .distributed import unwrap
+        from mimtrain.eval.classify.common import accuracies, eval_stream, resolve_pool, topk_correct
+        from mimtrain.eval.classify.knn import knn_classify
+        from mimtrain.eval.classify.linprobe import extract
+        from mimtrain.engine.distributed import unwrap
 
         encoder = unwrap(accelerator, method).encoder
         was_training = encoder.training

@@ -11,9 +11,9 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config
-from .checkpoint import CheckpointError, checkpoint_config, read_rank_state, saved_with, tensors_only
-from .distributed import is_deepspeed, launch_mode
+from mimtrain.config.pretrain import Config
+from mimtrain.checkpoint.state import CheckpointError, checkpoint_config, read_rank_state, saved_with, tensors_only
+from mimtrain.engine.distributed import is_deepspeed, launch_mode
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from .checkpoint import CheckpointError, Checkpoints, verify
+from mimtrain.checkpoint.state import CheckpointError, Checkpoints, verify
 
 LOCK_FILE = ".mimtrain.lock"
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard")  # what makes a directory a used one

@@ -14,21 +14,21 @@ import yaml
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError, derive, to_dict
-from ..data.stream import ShardStream, count_samples, expand_shards, make_loader
-from ..data.transforms import pretrain_transform
-from ..encoders import build_encoder
-from ..masking import MaskingService
-from ..methods import build_method, mask_mode_for
-from .checkpoint import Checkpoints
-from .fastpath import apply_fast_path
-from .distributed import configure_deepspeed, make_accelerator, module_dtype, unwrap
-from .logging import RunLogger
-from .monitor import KnnMonitor
-from .optim import build_optimizer, build_schedule
-from .preempt import Preemption, shield_workers
-from .resume import TrainState, restore
-from .rundir import claim
+from mimtrain.config.pretrain import Config, ConfigError, derive, to_dict
+from mimtrain.data.stream import ShardStream, count_samples, expand_shards, make_loader
+from mimtrain.data.transforms import pretrain_transform
+from mimtrain.encoders import build_encoder
+from mimtrain.masking import MaskingService
+from mimtrain.methods import build_method, mask_mode_for
+from mimtrain.checkpoint.state import Checkpoints
+from mimtrain.engine.fastpath import apply_fast_path
+from mimtrain.engine.distributed import configure_deepspeed, make_accelerator, module_dtype, unwrap
+from mimtrain.engine.logging import RunLogger
+from mimtrain.engine.monitor import KnnMonitor
+from mimtrain.engine.optim import build_optimizer, build_schedule
+from mimtrain.engine.preempt import Preemption, shield_workers
+from mimtrain.engine.resume import TrainState, restore
+from mimtrain.engine.rundir import claim
 
 
 class NonFiniteLoss(RuntimeError):

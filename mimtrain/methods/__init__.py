@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ConfigError
-from .mae import MAE
-from .simmim import SimMIM
+from mimtrain.config.pretrain import ConfigError
+from mimtrain.methods.mae import MAE
+from mimtrain.methods.simmim import SimMIM
 
 # The form of the mask each method consumes; the encoder is built in this mode and the masking service follows it.
 MASK_MODE = {"mae": "drop", "simmim": "fill"}

@@ -1,15 +1,15 @@
 """Parameter / multiply-add table of registered encoders, as papers report them (1000-class head, one image).
 
-    python benchmarks/model_table.py hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
+    python mimtrain/bench/model_table.py hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
 
-Prints a markdown table; GFLOPs are multiply-adds (MACs), counted by `mimtrain.flops.count_params_and_macs`.
+Prints a markdown table; GFLOPs are multiply-adds (MACs), counted by `mimtrain.bench.flops.count_params_and_macs`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from mimtrain.flops import count_params_and_macs
+from mimtrain.bench.flops import count_params_and_macs
 
 
 def _size(text: str) -> tuple[int, int]:

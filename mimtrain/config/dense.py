@@ -5,14 +5,14 @@ Two roots, `DetectConfig` and `SegmentConfig`, whose defaults are the standard s
 MMDetection's Mask R-CNN 1x (12 epochs, lr x0.1 after epochs 8 and 11, 500 warm-up iterations, 16 images a batch)
 and the Swin/GPViT UperNet recipe (160k iterations, crop 512, AdamW lr 6e-5, wd 0.01, poly with 1500 warm-up
 iterations). Recipes under `recipes/detect|segment/` state only what differs; merging, strict keys and dotted
-overrides are the pretraining config's (`mimtrain.config.load_config`).
+overrides are the pretraining config's (`mimtrain.config.pretrain.load_config`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import default_workers, load_config
-from .config import EncoderSourceConfig
+from mimtrain.config.pretrain import default_workers, load_config
+from mimtrain.config.classify import EncoderSourceConfig
 
 
 @dataclass

@@ -7,7 +7,7 @@
 
 A timed step is what the trainer runs: forward, backward, AdamW step (`build_optimizer`, fused where supported),
 zero_grad. Masks are drawn by the recipe's `MaskingService` on the CPU before timing, images are random (or streamed
-from shards with `--data`). Every model runs in a fresh worker process (`python -m mimtrain.bench --worker SPEC`,
+from shards with `--data`). Every model runs in a fresh worker process (`python -m mimtrain.bench.harness --worker SPEC`,
 one JSON line back) so that peak memory (CUDA: max_memory_allocated; CPU: peak RSS above the worker's baseline
 before the model is built) and allocator state never leak from one model into the next.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .flops import count_macs
+from mimtrain.bench.flops import count_macs
 
 RESULT_TAG = "MIMTRAIN_BENCH_RESULT "
 COMPILED_WARMUP = 10  # untimed steps at least, for a recipe with train.compile=true
@@ -90,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         if args.compare == "hf":
             _check_hf_comparable(cfg, item)
         if args.data:
-            from .data.stream import expand_shards
+            from mimtrain.data.stream import expand_shards
             expand_shards(args.data)
         # A compiled model's first steps compile (and inductor's workers keep compiling for a few more steps).
         warmup = max(args.warmup, COMPILED_WARMUP) if cfg.train.compile else args.warmup
@@ -160,7 +160,7 @@ def _split_recipe(item: str, args: argparse.Namespace) -> tuple[str, list[str]]:
 
 
 def _load(recipe: str, overrides: list[str]):
-    from .config import load_config
+    from mimtrain.config.pretrain import load_config
 
     return load_config(recipe, overrides)
 
@@ -221,7 +221,7 @@ def _device_line(rows: list[dict]) -> str:
 def _worker(spec: dict) -> dict:
     """Run one measurement in a fresh interpreter; return its JSON row (with 'error' if it failed)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "mimtrain.bench", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "mimtrain.bench.harness", "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -246,7 +246,7 @@ def _worker_main(spec: dict) -> dict:
     if spec["kind"] == "peak":
         return {"peak_flops": measure_bf16_peak()}
     import mimtrain.encoders  # noqa: F401  (imports before the baseline: they are not the model's memory)
-    from .config import load_config
+    from mimtrain.config.pretrain import load_config
 
     cfg = load_config(spec["recipe"], spec["overrides"])
     load_start = os.getloadavg()[0]  # other work on a shared host shows here (our worker adds ~1 once it runs)
@@ -319,11 +319,11 @@ def _lr(cfg, batch: int) -> float:
 def _build_ours(cfg, batch: int, dev: torch.device):
     """The trainer's encoder, masking service, method (with the fast path of `cfg.train`) and AdamW; `batch` random
     images with masks drawn on CPU."""
-    from .encoders import build_encoder
-    from .engine.fastpath import apply_fast_path
-    from .engine.optim import build_optimizer
-    from .masking import MaskingService
-    from .methods import build_method, mask_mode_for
+    from mimtrain.encoders import build_encoder
+    from mimtrain.engine.fastpath import apply_fast_path
+    from mimtrain.engine.optim import build_optimizer
+    from mimtrain.masking import MaskingService
+    from mimtrain.methods import build_method, mask_mode_for
 
     S = cfg.data.img_size
     encoder = build_encoder(cfg.encoder.name, S, mask_unit=cfg.encoder.mask_unit,
@@ -342,7 +342,7 @@ def hf_config(cfg):
     """A `ViTMAEConfig` with the recipe's sizes (encoder read from our ViT, built on the meta device)."""
     from transformers import ViTMAEConfig
 
-    from .encoders import build_encoder
+    from mimtrain.encoders import build_encoder
 
     with torch.device("meta"):
         enc = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit,
@@ -401,8 +401,8 @@ def _time_synthetic(step, inputs: list, warmup: int, steps: int, dev: torch.devi
 
 def _time_streamed(step, cfg, spec: dict, masking, dev: torch.device) -> dict:
     """Steps on batches from `ShardStream` + `make_loader` (the trainer's pipeline); wait = time blocked on next()."""
-    from .data.stream import ShardStream, expand_shards, make_loader
-    from .data.transforms import pretrain_transform
+    from mimtrain.data.stream import ShardStream, expand_shards, make_loader
+    from mimtrain.data.transforms import pretrain_transform
 
     d = cfg.data
     n = spec["warmup"] + spec["steps"]
@@ -458,9 +458,9 @@ def _run_decode(args: argparse.Namespace) -> dict:
     from PIL import Image
     from torchvision import transforms as T
 
-    from .data.shards import IMAGE_EXTS
-    from .data.stream import expand_shards
-    from .data.transforms import open_image, pretrain_transform, reference_pretrain_transform, seeded
+    from mimtrain.data.shards import IMAGE_EXTS
+    from mimtrain.data.stream import expand_shards
+    from mimtrain.data.transforms import open_image, pretrain_transform, reference_pretrain_transform, seeded
 
     if args.recipe:
         d = _load(*_split_recipe(args.recipe[0], args)).data

@@ -2,13 +2,13 @@
 
 One root dataclass, `EvalConfig`, with three sets of defaults: `finetune_defaults()` (MAE ViT-B's fine-tuning recipe),
 `linprobe_defaults()` (MAE's linear probe) and `knn_defaults()`. Recipes under `recipes/finetune|linprobe/` state only
-what differs; merging, strict keys and overrides are the pretraining config's (`mimtrain.config.merge`).
+what differs; merging, strict keys and overrides are the pretraining config's (`mimtrain.config.pretrain.merge`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import OptimConfig, default_workers, load_config
+from mimtrain.config.pretrain import OptimConfig, default_workers, load_config
 
 
 @dataclass

@@ -24,15 +24,15 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..config import ConfigError
-from ..engine.distributed import unwrap
-from ..engine.logging import RunLogger
-from .coco import CocoInstances, ResizeCrop, coco_metrics, collate, to_coco_results
-from .common import say, start_run, write_results
-from .dense_backbone import DenseBackbone
-from .dense_common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
+from mimtrain.config.pretrain import ConfigError
+from mimtrain.engine.distributed import unwrap
+from mimtrain.engine.logging import RunLogger
+from mimtrain.data.coco import CocoInstances, ResizeCrop, coco_metrics, collate, to_coco_results
+from mimtrain.eval.classify.common import say, start_run, write_results
+from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.eval.dense.common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
                            save_final, step_schedule)
-from .dense_config import DetectConfig
+from mimtrain.config.dense import DetectConfig
 
 
 class FPNBackbone(nn.Module):

@@ -13,16 +13,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
-from ..config import ConfigError, save_config
-from ..data.stream import ShardStream, expand_shards, make_loader, require_labels
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from .config import EvalConfig
-from .export import CONFIG_FILE, EncoderSpec, load_encoder, resolve
+from mimtrain.config.pretrain import ConfigError, save_config
+from mimtrain.data.stream import ShardStream, expand_shards, make_loader, require_labels
+from mimtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from mimtrain.config.classify import EvalConfig
+from mimtrain.checkpoint.encoder import CONFIG_FILE, EncoderSpec, load_encoder, resolve
 
 
 def accelerator_for(cfg: EvalConfig) -> Accelerator:
-    from ..engine.distributed import refuse_cpu_launch
-    from ..engine.trainer import _precision  # the pretraining engine's reading of train.precision
+    from mimtrain.engine.distributed import refuse_cpu_launch
+    from mimtrain.engine.trainer import _precision  # the pretraining engine's reading of train.precision
 
     refuse_cpu_launch()  # `accelerate launch --cpu --num_processes 2` would evaluate in one process
     acc = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),

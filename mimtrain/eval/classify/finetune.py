@@ -22,17 +22,17 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import derive
-from ..data.stream import ShardStream, count_samples
-from ..engine.distributed import unwrap
-from ..engine.logging import RunLogger
-from ..engine.optim import build_schedule
-from .common import (PythonSeeded, accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate,
+from mimtrain.config.pretrain import derive
+from mimtrain.data.stream import ShardStream, count_samples
+from mimtrain.engine.distributed import unwrap
+from mimtrain.engine.logging import RunLogger
+from mimtrain.engine.optim import build_schedule
+from mimtrain.eval.classify.common import (PythonSeeded, accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate,
                      follow_source, logits, num_classes, resolve_pool, say, shard_urls, start_run,
                      write_results)
-from .config import EvalConfig
-from .export import CONFIG_FILE, ENCODER_FILE
-from .layer_decay import param_groups
+from mimtrain.config.classify import EvalConfig
+from mimtrain.checkpoint.encoder import CONFIG_FILE, ENCODER_FILE
+from mimtrain.eval.layer_decay import param_groups
 
 
 def train_transform(cfg: EvalConfig):
@@ -177,8 +177,8 @@ def _save_final(model, spec, n_cls: int, cfg: EvalConfig, out, acc, train_urls: 
                         "kwargs": {**spec.kwargs, "num_classes": n_cls}}, "source": "finetune",
             "data": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}}  # what evaluation of it follows
     (final / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
-    from .export import EncoderSpec
-    from .export_formats import label_names, write_timm_layout
+    from mimtrain.checkpoint.encoder import EncoderSpec
+    from mimtrain.checkpoint.formats import label_names, write_timm_layout
 
     # timm's config.json + model.safetensors beside, with the class names (docs/export.md)
     write_timm_layout(final, EncoderSpec(**meta["encoder"]), meta["data"], label_names(train_urls, n_cls))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..data.stream import ShardStream
-from .common import (accelerator_for, accuracies, eval_stream, follow_source, frozen_encoder, num_classes, shard_urls,
+from mimtrain.data.stream import ShardStream
+from mimtrain.eval.classify.common import (accelerator_for, accuracies, eval_stream, follow_source, frozen_encoder, num_classes, shard_urls,
                      start_run, topk_correct, write_results)
-from .config import EvalConfig
-from .linprobe import extract
+from mimtrain.config.classify import EvalConfig
+from mimtrain.eval.classify.linprobe import extract
 
 
 @torch.no_grad()

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from ..engine.distributed import unwrap
-from ..engine.logging import RunLogger
-from .dense_config import DenseEncoderConfig, DenseOptimConfig
-from .export import HEAD, EncoderSpec, load_encoder
-from .layer_decay import param_groups
+from mimtrain.engine.distributed import unwrap
+from mimtrain.engine.logging import RunLogger
+from mimtrain.config.dense import DenseEncoderConfig, DenseOptimConfig
+from mimtrain.checkpoint.encoder import HEAD, EncoderSpec, load_encoder
+from mimtrain.eval.layer_decay import param_groups
 
 
 class NonFiniteLoss(RuntimeError):
@@ -30,8 +30,8 @@ class NonFiniteLoss(RuntimeError):
 def dense_accelerator(cfg) -> Accelerator:
     """cfg: DetectConfig | SegmentConfig. DDP looks for unused parameters: Mask R-CNN's mask branch and some encoders'
     classification layers (DGT's head_fc) can sit out a step."""
-    from ..engine.distributed import refuse_cpu_launch
-    from ..engine.trainer import _precision  # the pretraining engine's reading of train.precision
+    from mimtrain.engine.distributed import refuse_cpu_launch
+    from mimtrain.engine.trainer import _precision  # the pretraining engine's reading of train.precision
 
     refuse_cpu_launch()  # `accelerate launch --cpu --num_processes 2` would train in one process
     acc = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, cpu=not torch.cuda.is_available(),

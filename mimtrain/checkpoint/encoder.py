@@ -32,10 +32,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..encoders import build_encoder
-from ..encoders.timm_glue import DERIVED_BUFFERS, fit_state_dict
-from ..engine.checkpoint import Checkpoints, pickle_imports, refuse_code, tensors_only, verify
-from ..methods import mask_mode_for
+from mimtrain.encoders import build_encoder
+from mimtrain.encoders.timm_glue import DERIVED_BUFFERS, fit_state_dict
+from mimtrain.checkpoint.state import Checkpoints, pickle_imports, refuse_code, tensors_only, verify
+from mimtrain.methods import mask_mode_for
 
 ENCODER_FILE = "encoder.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -306,7 +306,7 @@ def export(src: str | Path, out_dir: str | Path) -> Path:
         data = (yaml.safe_load((p / CONFIG_FILE).read_text()) or {}).get("data") or {}
         meta["data"] = {k: data[k] for k in ("mean", "std") if k in data}
     (out / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
-    from .export_formats import write_timm_layout  # it builds on this module
+    from mimtrain.checkpoint.formats import write_timm_layout  # it builds on this module
 
     write_timm_layout(out, source.spec, meta.get("data") or {})  # config.json + model.safetensors, for timm and hub
     return out

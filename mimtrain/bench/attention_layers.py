@@ -1,6 +1,6 @@
 """One attention layer of each kind, fwd+bwd time and peak memory at a given token grid (CPU or CUDA).
 
-    python benchmarks/attention_layers.py [--grids 56 112] [--dim 96] [--heads 3] [--batch 1] [--steps 5]
+    python mimtrain/bench/attention_layers.py [--grids 56 112] [--dim 96] [--heads 3] [--batch 1] [--steps 5]
 
 Layers, all at the same dim/heads, input [B, H*W, C]:
 - DG-attention: `mimtrain.encoders.dgt.DGAttention` (G groups, top-k keys per group; DGT's defaults G=48, k=98).
@@ -8,7 +8,7 @@ Layers, all at the same dim/heads, input [B, H*W, C]:
 - global: timm's `Attention` (SDPA over all tokens).
 Each (layer, grid) runs in a fresh process (`--one`), so peak memory (CUDA max_memory_allocated, or peak RSS above
 the process's baseline on CPU) belongs to that layer alone. FLOPs: one fwd+bwd, 2 per multiply-add
-(`mimtrain.flops.count_macs`); DG-attention's gathers/sorts are not counted.
+(`mimtrain.bench.flops.count_macs`); DG-attention's gathers/sorts are not counted.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def build(kind: str, dim: int, heads: int, grid: int, groups: int, topk: int) ->
 
 
 def measure_one(kind: str, grid: int, dim: int, heads: int, batch: int, steps: int, groups: int, topk: int) -> dict:
-    from mimtrain.flops import count_macs
+    from mimtrain.bench.flops import count_macs
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 sys.stderr.write(proc.stderr[-3000:])
                 rows.append({"kind": kind, "grid": grid, "tokens": grid * grid, "error": f"exit {proc.returncode}"})
-    from mimtrain.bench import cpu_model
+    from mimtrain.bench.harness import cpu_model
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_model()}"
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

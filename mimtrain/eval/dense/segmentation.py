@@ -17,15 +17,15 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from ..config import ConfigError
-from ..engine.logging import RunLogger
-from .ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
-from .common import say, start_run, write_results
-from .dense_backbone import DenseBackbone
-from .dense_common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
+from mimtrain.config.pretrain import ConfigError
+from mimtrain.engine.logging import RunLogger
+from mimtrain.data.ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
+from mimtrain.eval.classify.common import say, start_run, write_results
+from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.eval.dense.common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
                            poly_schedule, save_final)
-from .dense_config import SegmentConfig, UperNetConfig
-from .upernet import FCNHead, UperNetHead
+from mimtrain.config.dense import SegmentConfig, UperNetConfig
+from mimtrain.eval.dense.upernet import FCNHead, UperNetHead
 
 
 class Segmentor(nn.Module):

@@ -18,14 +18,14 @@ from timm.optim import Lars
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import derive
-from ..data.stream import ShardStream, count_samples
-from ..data.transforms import pretrain_transform
-from ..engine.logging import RunLogger
-from ..engine.optim import build_schedule
-from .common import (accelerator_for, accuracies, batches, eval_stream, evaluate, follow_source, frozen_encoder,
+from mimtrain.config.pretrain import derive
+from mimtrain.data.stream import ShardStream, count_samples
+from mimtrain.data.transforms import pretrain_transform
+from mimtrain.engine.logging import RunLogger
+from mimtrain.engine.optim import build_schedule
+from mimtrain.eval.classify.common import (accelerator_for, accuracies, batches, eval_stream, evaluate, follow_source, frozen_encoder,
                      num_classes, pooled, shard_urls, start_run, topk_correct, write_results)
-from .config import EvalConfig
+from mimtrain.config.classify import EvalConfig
 
 
 LARS_TRUST = 0.001  # timm Lars' default trust_coeff (as MAE's LARS), used by `lars` below

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import normalize, pil_to_tensor
 
-from .dense_config import Ade20kDataConfig
+from mimtrain.config.dense import Ade20kDataConfig
 
 IGNORE = 255
 SPLITS = {"train": "training", "val": "validation"}

@@ -6,18 +6,18 @@ import argparse
 
 def _run(kind: str):
     def run(args: argparse.Namespace) -> None:
-        from ..cli import is_main_process
-        from .dense_config import load_dense_config
+        from mimtrain.cli import is_main_process
+        from mimtrain.config.dense import load_dense_config
 
         cfg = load_dense_config(kind, args.recipe, args.overrides)
         if kind == "detect":
-            from .detection import detect
+            from mimtrain.eval.dense.detection import detect
             res = detect(cfg, args.source)
             if "box_ap" in res and is_main_process():
                 print(f"detect: box AP {res['box_ap']:.4f}  mask AP {res['mask_ap']:.4f}  "
                       f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
         else:
-            from .segmentation import segment
+            from mimtrain.eval.dense.segmentation import segment
             res = segment(cfg, args.source)
             if is_main_process():
                 print(f"segment: mIoU {res['mIoU']:.4f}  pixel accuracy {res['aAcc']:.4f}  "

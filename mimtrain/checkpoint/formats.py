@@ -2,7 +2,7 @@
 
 - `write_timm_layout`: `config.json` (architecture, model_args, pretrained_cfg with the run's preprocessing, class
   names) and `model.safetensors` (a hard link to `encoder.safetensors`), so `timm.create_model(name,
-  pretrained=True, pretrained_cfg_overlay=dict(file=...))` and `mimtrain.hub.from_pretrained(dir)` load the export.
+  pretrained=True, pretrained_cfg_overlay=dict(file=...))` and `mimtrain.checkpoint.hub.from_pretrained(dir)` load the export.
 - `export_timm_vit`: a mim_vit encoder under timm's own `vit_*` key names, loadable without mimtrain.
 - `export_hf`: HF transformers' `ViTMAEForPreTraining` (encoder + decoder) and `ViTModel` directories.
 """
@@ -16,8 +16,8 @@ import timm
 import torch
 from torch import nn
 
-from .. import hub
-from .export import ENCODER_FILE, EncoderSpec, LoadError, load_into, read_source, resolve
+from mimtrain.checkpoint import hub
+from mimtrain.checkpoint.encoder import ENCODER_FILE, EncoderSpec, LoadError, load_into, read_source, resolve
 
 EVAL_PREPROCESSING = dict(interpolation="bicubic", crop_pct=0.875)  # eval_transform's defaults (data/transforms.py)
 VIT_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -155,8 +155,8 @@ def _training_mae(p: Path, encoder: nn.Module) -> nn.Module | None:
     """The checkpoint's whole MAE (encoder + decoder), or None for an export or a SimMIM run."""
     import yaml
 
-    from ..methods.mae import MAE
-    from .export import CONFIG_FILE, ENCODER_FILE as EXPORTED, method_state
+    from mimtrain.methods.mae import MAE
+    from mimtrain.checkpoint.encoder import CONFIG_FILE, ENCODER_FILE as EXPORTED, method_state
 
     if p.is_file() or (p / EXPORTED).is_file() or not (p / CONFIG_FILE).is_file():
         return None
