@@ -18,7 +18,9 @@ demo: $(VENV)/.installed
 	bash launch/demo.sh
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check mimtrain tests
 	$(PY) -m pytest -q
 
+# The CPU demo's tiny ViT under MAE and SimMIM (docs/benchmarks.md, "make bench"); about a minute on a laptop CPU.
 bench: $(VENV)/.installed
-	$(PY) -m mimtrain bench --compare hf
+	$(PY) -m mimtrain bench

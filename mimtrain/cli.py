@@ -55,7 +55,7 @@ def _demo_data(args) -> None:
 
 def _export(args) -> None:
     if args.format == "mimtrain":
-        from mimtrain.checkpoint.encoder import export
+        from mimtrain.checkpoint.export import export
 
         out = export(args.ckpt, args.out_dir)
         print(f"exported encoder to {out} (encoder.safetensors + config.yaml; model.safetensors + config.json for "
@@ -90,6 +90,26 @@ def _eval(kind: str):
         top5 = "n/a (fewer than 5 classes)" if res["top5"] is None else f"{res['top5']:.2f}%"
         print(f"{kind}: top-1 {res['top1']:.2f}%  top-5 {top5}  ({res['num_val']} val images); "
               f"results: {cfg.output_dir}/results.json")
+    return run
+
+
+def _dense(kind: str):
+    def run(args) -> None:
+        from mimtrain.config.dense import load_dense_config
+
+        cfg = load_dense_config(kind, args.recipe, args.overrides)
+        if kind == "detect":
+            from mimtrain.eval.dense.detection import detect
+            res = detect(cfg, args.source)
+            if "box_ap" in res and is_main_process():
+                print(f"detect: box AP {res['box_ap']:.4f}  mask AP {res['mask_ap']:.4f}  "
+                      f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
+        else:
+            from mimtrain.eval.dense.segmentation import segment
+            res = segment(cfg, args.source)
+            if is_main_process():
+                print(f"segment: mIoU {res['mIoU']:.4f}  pixel accuracy {res['aAcc']:.4f}  "
+                      f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
     return run
 
 
@@ -154,8 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. data.val_shards=... {example}")
         s.set_defaults(func=_eval(kind))
 
-    from mimtrain.bench.harness import add_parser as _bench; _bench(sub)  # noqa: E702
-    from mimtrain.eval.dense.cli import add_parsers as _dense; _dense(sub)  # noqa: E702
+    from mimtrain.bench import add_parser as _bench; _bench(sub)  # noqa: E702
+    for kind, text, data in (
+            ("detect", "COCO Mask R-CNN (box and mask AP) on a pretrained encoder",
+             "data.root=COCO_DIR (annotations/instances_{train,val}2017.json, train2017/, val2017/)"),
+            ("segment", "ADE20K UperNet (mIoU, pixel accuracy) on a pretrained encoder",
+             "data.root=DIR holding ADEChallengeData2016/")):
+        s = sub.add_parser(kind, help=text)
+        s.add_argument("--recipe", help=f"YAML recipe (recipes/{kind}/...; only the differences from the defaults)")
+        s.add_argument("--from", dest="source", required=True,
+                       help="pretraining run dir, checkpoint dir, export dir, or a weights file (timm/MAE ViT)")
+        s.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {data} train.max_steps=100")
+        s.set_defaults(func=_dense(kind))
     return p
 
 
@@ -167,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mimtrain {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
-        if type(e).__name__ not in ("NonFiniteLoss", "CheckpointError"):
+        from mimtrain.checkpoint.state import CheckpointError
+        from mimtrain.engine.fit import NonFiniteLoss
+
+        if not isinstance(e, (NonFiniteLoss, CheckpointError)):
             raise
         print(f"mimtrain {args.command}: error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mimtrain.encoders.base import check_image_size
+
+def check_image_size(img_size: int | tuple[int, int], mask_unit: int, name: str = "encoder") -> tuple[int, int]:
+    """Refuse an image size the mask grid does not tile, before any expensive work."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if h % mask_unit or w % mask_unit:
+        raise ValueError(
+            f"image size {h}x{w} is not divisible by the mask unit of {name} ({mask_unit} px); "
+            f"choose data.img_size as a multiple of {mask_unit} or set encoder.mask_unit"
+        )
+    return h, w
 
 
 def sample_seed(*parts) -> int:

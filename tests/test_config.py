@@ -1,6 +1,7 @@
 import pytest
 
-from mimtrain.config.pretrain import Config, ConfigError, derive, load_config, merge, parse_override, read_config, save_config
+from mimtrain.config.pretrain import (Config, ConfigError, derive, load_config, merge, parse_override, read_config,
+                                      save_config)
 
 
 def test_defaults_are_the_mae_vit_base_recipe():
@@ -74,15 +75,11 @@ def test_every_shipped_recipe_builds_its_encoder_method_and_masks():
 
     import torch
 
-    from mimtrain.encoders import build_encoder
-    from mimtrain.masking import MaskingService
-    from mimtrain.methods import build_method, mask_mode_for
+    from mimtrain.methods import build_pretraining, mask_mode_for
 
     for recipe in sorted(pathlib.Path(__file__).parents[1].glob("recipes/pretrain/*.yaml")):
         cfg = load_config(recipe)
         with torch.device("meta"):
-            enc = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit or None,
-                                mask_mode=mask_mode_for(cfg.method.name), num_classes=0, **cfg.encoder.kwargs)
-            build_method(cfg.method, enc, cfg.data.img_size)
-        svc = MaskingService.for_encoder(enc, cfg.data.img_size, cfg.mask, cfg.seed)
-        assert svc.mode == mask_mode_for(cfg.method.name), recipe
+            method, svc = build_pretraining(cfg)
+        assert svc.mode == method.encoder.mask_mode == mask_mode_for(cfg.method.name), recipe
+        assert svc.grid == (cfg.data.img_size // method.encoder.mask_unit,) * 2, recipe

@@ -18,8 +18,10 @@ from mimtrain.encoders import build_encoder
 from mimtrain.data.ade20k import Ade20kVal, IoUMeter, find_root, list_pairs
 from mimtrain.data.coco import CocoInstances, coco_metrics, to_coco_results
 from mimtrain.eval.dense.backbone import DenseBackbone
-from mimtrain.eval.dense.common import build_dense_encoder, dense_param_groups, poly_schedule, step_schedule
-from mimtrain.config.dense import DenseOptimConfig, load_dense_config
+from mimtrain.config.dense import load_dense_config
+from mimtrain.encoders.base import classifier_keys
+from mimtrain.engine.optim import step_schedule
+from mimtrain.eval.dense.encoder import build_dense_encoder, dense_param_groups
 from mimtrain.eval.dense.detection import build_detector, canvas_size, detect
 from mimtrain.eval.dense.segmentation import evaluate_segmentation, segment, slide_logits
 
@@ -172,36 +174,45 @@ def test_full_size_recipes_load_and_their_encoders_fit_the_canvas(recipe):
 # ---------------------------------------------------------------------------------------------------------- schedules
 
 def test_layer_decay_groups_and_schedules(world):
-    cfg = load_dense_config("detect", "recipes/detect/tiny_cpu.yaml", ["optim.layer_decay=0.5", "optim.lr=1.0"])
+    """Each parameter trains at the scheduled lr x its layer's scale: warm-up from 0.001 x its own lr (MMCV's rule,
+    per group), x0.1 at each milestone; the neck and heads at scale 1; frozen parameters in no group."""
+    cfg = load_dense_config("detect", "recipes/detect/tiny_cpu.yaml")
     encoder, _ = build_dense_encoder(cfg.encoder, str(world["vit"]), 96)
     model = build_detector(encoder, 2, cfg, 96)
-    groups = dense_param_groups(model, encoder, cfg.optim)
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    groups = dense_param_groups(model, encoder, weight_decay=0.05, layer_decay=0.5)
+    opt = torch.optim.AdamW(groups, lr=2.0)
+    sched = step_schedule(opt, warmup_iters=4, warmup_ratio=0.001, milestones=[10, 15])
     vit = encoder.vit
-    assert lr_of[id(vit.patch_embed.proj.weight)] == 0.5 ** 3  # stem: layer 0 of 2 blocks + final norm
-    assert lr_of[id(vit.blocks[1].attn.qkv.weight)] == 0.5
-    assert lr_of[id(model.roi_heads.box_predictor.cls_score.weight)] == 1.0  # heads: full lr
-    assert id(encoder.vit.pos_embed) not in lr_of  # frozen sin-cos table
+    scale = {id(vit.patch_embed.proj.weight): 0.5 ** 3,  # stem: layer 0 of 2 blocks + final norm
+             id(vit.blocks[1].attn.qkv.weight): 0.5,  # layer 2
+             id(vit.norm.weight): 1.0,  # the last layer
+             id(model.backbone.fpn.inner_blocks[0][0].weight): 1.0,  # neck and heads: full lr
+             id(model.roi_heads.box_predictor.cls_score.weight): 1.0}
+    for step, factor in ((0, 0.001), (2, 0.001 + 0.999 * 2 / 4), (4, 1.0), (9, 1.0), (10, 0.1), (14, 0.1),
+                         (15, 0.01), (24, 0.01)):
+        sched.step_update(step)
+        lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert {p: lr_of[p] for p in scale} == pytest.approx({p: 2.0 * factor * s for p, s in scale.items()}), step
+    assert id(vit.pos_embed) not in lr_of  # frozen sin-cos table
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted(lr_of) == sorted(trainable)  # every trainable parameter in exactly one group
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
     wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert wd_of[id(model.backbone.fpn.inner_blocks[0][0].bias)] == 0.0 and wd_of[id(vit.blocks[0].mlp.fc1.weight)] > 0
+    assert wd_of[id(model.roi_heads.box_predictor.cls_score.weight)] == 0.05 and wd_of[id(vit.norm.weight)] == 0.0
 
-    p = torch.nn.Parameter(torch.zeros(1))
-    optim = DenseOptimConfig(lr=1.0, warmup_iters=4, warmup_ratio=0.001)
-    opt = torch.optim.SGD([p], lr=1.0)
-    sched = step_schedule(opt, optim, [10, 15])
-    lrs = []
-    for _ in range(16):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[0] == pytest.approx(0.001) and lrs[2] == pytest.approx(1 - 0.5 * 0.999)
-    assert lrs[4:10] == [1.0] * 6 and lrs[10:15] == pytest.approx([0.1] * 5) and lrs[15] == pytest.approx(0.01)
-    opt = torch.optim.SGD([p], lr=1.0)
-    sched = poly_schedule(opt, optim, total=20, power=1.0)
-    for _ in range(10):
-        opt.step()
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+def test_mask_token_and_classifier_are_frozen_and_in_no_group(tmp_path):
+    """DGT has both a mask token and a hidden classifier layer (head_fc) that dense tasks never use."""
+    encoder, _ = build_dense_encoder(load_dense_config("segment").encoder, str(_export(tmp_path, "dgt", 64)), 64)
+    head = classifier_keys(encoder)
+    unused = {n for n, _ in encoder.named_parameters() if n == "mask_token" or n.startswith(head)}
+    assert "mask_token" in unused and "head_fc.weight" in unused
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    model = DenseBackbone(encoder, (64, 64))
+    grouped = {names.get(id(p)) for g in dense_param_groups(model, encoder, 0.05, 0.9) for p in g["params"]}
+    trained = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert not unused & trained and not unused & grouped and trained <= grouped
 
 
 # ---------------------------------------------------------------------------------------------------------- detection

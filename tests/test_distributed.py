@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from helpers import PY, REPO, TINY_MAE, make_test_shards, run_cli, write_image_folder
 from mimtrain.checkpoint.state import retained
-from mimtrain.checkpoint.encoder import export, load_encoder
+from mimtrain.checkpoint.encoder import load_encoder
+from mimtrain.checkpoint.export import export
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
 LAUNCH = REPO / "launch" / "accelerate"

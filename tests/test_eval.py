@@ -1,6 +1,7 @@
 """Evaluation on CPU with tiny encoders: export/load round trip, strict loading errors, timm-style ViT weights,
 fine-tune / linear probe / k-NN runs, and layer-wise lr decay groups for every registered encoder."""
 import json
+import math
 
 import pytest
 import timm
@@ -11,10 +12,12 @@ from safetensors.torch import load_file, save_file
 import mimtrain.encoders  # noqa: F401  (registers the encoders)
 from helpers import TINY_MAE, make_test_shards, run_cli
 from mimtrain.encoders import build_encoder
+from mimtrain.encoders.base import classifier_keys
+from mimtrain.engine.optim import layer_decay_groups
 from mimtrain.config.classify import load_eval_config
-from mimtrain.checkpoint.encoder import HEAD, LoadError, load_encoder
-from mimtrain.eval.classify.knn import knn, knn_classify
-from mimtrain.eval.layer_decay import layer_ids, param_groups
+from mimtrain.checkpoint.encoder import LoadError, load_encoder
+from mimtrain.eval.classify.knn import knn
+from mimtrain.features import knn_classify
 from mimtrain.eval.classify.linprobe import linprobe
 
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -185,17 +188,53 @@ def _registered() -> list[str]:
 
 @pytest.mark.parametrize("name", _registered())
 def test_layer_decay_groups_cover_every_parameter_once(name):
+    """Every trainable parameter in one group; the scales are decay^(L + 1 - i) for layers i = 0..L + 1, each
+    layer non-empty; the classifier (`classifier_keys`) at the full lr. The layer-by-layer reference per encoder is
+    in tests/test_layer_decay.py."""
+    decay = 0.75
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=10)
-    ids = layer_ids(model)
-    groups = param_groups(model, 0.05, 0.75, set(model.no_weight_decay()))
-    names = [n for g in groups for n in g["param_names"]]
+    groups = layer_decay_groups(model, 0.05, decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert sorted(names) == sorted(trainable) and len(names) == len(set(names))
-    assert set(ids) == {n for n, _ in model.named_parameters()}
-    top = max(ids.values())
-    head = [n for n in ids if HEAD.search(n)]
-    assert head and all(ids[n] == top for n in head), "the head trains at the full lr"
-    assert min(ids.values()) == 0 and top >= 3 and set(ids.values()) == set(range(top + 1))
-    scales = {g["layer"]: g["lr_scale"] for g in groups}
-    assert scales[top] == 1.0 and all(scales[a] < scales[b] for a, b in zip(sorted(scales), sorted(scales)[1:]))
+    assert sorted(grouped) == sorted(trainable) and len(grouped) == len(set(grouped))
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    exponents = sorted({round(math.log(s, decay)) for s in scale.values()})
+    assert exponents[-1] >= 3 and exponents == list(range(exponents[-1] + 1)), "one scale per layer, none empty"
+    head = [n for n in scale if n.startswith(classifier_keys(model))]
+    assert head and all(scale[n] == 1.0 for n in head), "the head trains at the full lr"
+
+
+def test_pretraining_knn_monitor_and_the_knn_command_agree(pretrained, data, tmp_path):
+    """One k-NN implementation (`features`): the monitor's number during pretraining is `mimtrain knn`'s on the
+    same weights, with the same defaults (k=20, T=0.07, evaluation crop, the run's size and normalisation)."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from mimtrain.config.pretrain import read_config
+    from mimtrain.engine.monitor import KnnMonitor
+
+    run, _ = pretrained
+    cfg = read_config(run / "config.yaml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, knn_every=1), data=dataclasses.replace(
+        cfg.data, knn_train_shards=data["train"], val_shards=data["val"]))
+    acc = Accelerator(cpu=True)
+    monitor = KnnMonitor(cfg, acc)
+    encoder, _ = load_encoder(str(run))
+
+    class Method(torch.nn.Module):  # the monitor reads `method.encoder`, as from the trainer's MAE / SimMIM
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+    logged = {}
+
+    class Log:
+        def scalars(self, step, values):
+            logged.update(values)
+
+    monitor(1, Method(), acc, Log())
+    res = knn(_probe_cfg("knn", data, tmp_path / "knn"), str(run))
+    assert logged["knn/top1"] == pytest.approx(res["top1"]) and res["k"] == 20

@@ -6,13 +6,12 @@ import torch
 import torch._dynamo
 
 from mimtrain.config.pretrain import ConfigError, TrainConfig, load_config
-from mimtrain.encoders import build_encoder
 from mimtrain.engine.fastpath import apply_fast_path
-from mimtrain.masking import MaskingService
-from mimtrain.methods import build_method, mask_mode_for
+from mimtrain.methods import build_pretraining
 
 TINY_MAE = ["encoder.name=mim_vit_tiny_patch16",
-            "encoder.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "data.img_size=32"]
+            "encoder.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "method.decoder_dim=32",
+            "method.decoder_depth=1", "method.decoder_heads=2", "data.img_size=32"]
 TINY_HIVIT = ["encoder.name=hivit_tiny", "encoder.kwargs={dims: [16, 32, 64], depths: [1, 1, 2], num_heads: 2}",
               "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "data.img_size=64"]
 TINY_SWIN = ["method.name=simmim", "encoder.name=simmim_swin_tiny_patch4_window7", "data.img_size=224",
@@ -24,10 +23,7 @@ def _build(overrides):
     cfg = load_config(None, overrides)
     S = cfg.data.img_size
     torch.manual_seed(0)
-    encoder = build_encoder(cfg.encoder.name, S, mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
-                            **cfg.encoder.kwargs)
-    masking = MaskingService.for_encoder(encoder, S, cfg.mask, seed=0)
-    method = build_method(cfg.method, encoder, S)
+    method, masking = build_pretraining(cfg)
     images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(1))
     return method, masking, images, masking.draw(["a", "b"], 0)
 

@@ -18,7 +18,7 @@ from mimtrain.encoders.dgt import DGAttention
 from mimtrain.encoders.gpvit import GPViT, GroupPropagationBlock
 from mimtrain.encoders.hivit import HiViT
 from mimtrain.encoders.vit import ViTEncoder
-from mimtrain.eval.classify.common import accuracies, resolve_pool
+from mimtrain.features import accuracies, resolve_pool
 from mimtrain.eval.classify.linprobe import ProbeHead
 from mimtrain.methods import build_method
 from mimtrain.methods.mae import MAE

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mimtrain.encoders.vit import ViTEncoder
-from mimtrain.eval.layer_decay import param_groups
+from mimtrain.engine.optim import layer_decay_groups
 from mimtrain.methods.mae import MAE
 
 transformers = pytest.importorskip("transformers")
@@ -143,9 +143,11 @@ def test_finetune_layer_decay_groups_follow_maes_appendix():
     model = ViTEncoder(img_size=32, patch_size=8, embed_dim=32, depth=L, num_heads=2, num_classes=5)
     for m in model.unused_by_classifier():  # as fine-tuning does (MAE drops the final norm for its fc_norm)
         m.requires_grad_(False)
-    groups = param_groups(model, wd, decay, set(model.no_weight_decay()))
-    got = {n: (g["lr_scale"], g["weight_decay"]) for g in groups for n in g["param_names"]}
     params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    groups = layer_decay_groups(model, wd, decay)
+    got = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(got), "a parameter in two groups"
     want = {n: (decay ** (L + 1 - _mae_layer_id(n, L)),
                 0.0 if p.ndim == 1 or n in ("vit.cls_token", "vit.pos_embed") else wd)
             for n, p in params.items() if p.requires_grad}

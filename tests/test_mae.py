@@ -22,7 +22,8 @@ def test_patchify_round_trip_and_layout():
 def test_norm_pix_loss_matches_a_hand_computed_example():
     mae = _mae(norm_pix=True)
     mae.unit = 1  # one-pixel units make the target easy to write by hand
-    images = torch.tensor([[[[1.0, 3.0]], [[2.0, 6.0]], [[3.0, 9.0]]]])  # [1, 3, 1, 2]: unit0 = (1,2,3), unit1 = (3,6,9)
+    # [1, 3, 1, 2]: unit0 = (1,2,3), unit1 = (3,6,9)
+    images = torch.tensor([[[[1.0, 3.0]], [[2.0, 6.0]], [[3.0, 9.0]]]])
     mask = torch.tensor([[[False, True]]])
     pred = torch.zeros(1, 2, 3)
     # unit1: mean 6, unbiased var 9 -> target (-1, 0, 1) / sqrt(1 + 1e-6/9); MSE vs 0 = 2/3 (unit0 is visible: ignored)

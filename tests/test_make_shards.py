@@ -133,7 +133,7 @@ def test_commands_that_need_labels_refuse_unlabelled_shards_before_starting(tmp_
 
     from mimtrain.config.pretrain import Config
     from mimtrain.engine.monitor import KnnMonitor
-    from mimtrain.eval.classify.common import shard_urls
+    from mimtrain.eval.classify.source import labelled_shards
     from mimtrain.config.classify import finetune_defaults, knn_defaults, linprobe_defaults
 
     make_shards(_hf(tmp_path, with_label=False), tmp_path / "bare", image_column="picture", verbose=False)
@@ -145,7 +145,7 @@ def test_commands_that_need_labels_refuse_unlabelled_shards_before_starting(tmp_
             cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, train_shards=str(train),
                                                                      val_shards=str(val)))
             with pytest.raises(ValueError, match=r"needs labelled shards, and those in .*bare are unlabelled"):
-                shard_urls(cfg)
+                labelled_shards(cfg)
     cfg = Config()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, knn_every=2), data=dataclasses.replace(
         cfg.data, knn_train_shards=str(tmp_path / "bare"), val_shards=str(labelled)))

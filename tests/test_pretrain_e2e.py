@@ -14,7 +14,8 @@ from helpers import PY, REPO, TINY_MAE, make_test_shards, run_cli
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_test_shards(tmp_path_factory.mktemp("data"), classes=4, per_class=10, shard_size=5)  # 40 samples, 8 shards
+    # 40 samples in 8 shards
+    return make_test_shards(tmp_path_factory.mktemp("data"), classes=4, per_class=10, shard_size=5)
 
 
 def _args(shards, out, *extra):
@@ -46,12 +47,15 @@ def test_resume_after_kill_matches_an_uninterrupted_run(shards, tmp_path):
     assert 10 <= step_at_kill < 20
 
     out = run_cli(*_args(shards, killed, "train.max_steps=20", "train.ckpt_every=5", "resume=auto")).stdout
-    assert f"resumed from" in out and f"at step {step_at_kill}" in out
+    assert "resumed from" in out and f"at step {step_at_kill}" in out
     a, b = _final_params(straight), _final_params(killed)
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
-    losses = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+
+    def losses(run_dir):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
     la, lb = losses(straight), losses(killed)
     assert la[20] == pytest.approx(lb[20], abs=1e-6)
 
@@ -69,7 +73,8 @@ def test_two_processes_over_gloo_read_disjoint_shards(shards, tmp_path):
     assert shards_of[0] and shards_of[1] and shards_of[0].isdisjoint(shards_of[1])
     cfg = (out / "config.yaml").read_text()
     assert "world_size: 2" in cfg and "effective_batch: 8" in cfg
-    assert {"trainer_state_0.json", "trainer_state_1.json"} <= {p.name for p in (out / "checkpoints" / "step-00000004").iterdir()}
+    saved = {p.name for p in (out / "checkpoints" / "step-00000004").iterdir()}
+    assert {"trainer_state_0.json", "trainer_state_1.json"} <= saved
 
 
 @pytest.mark.parametrize("override,message", [

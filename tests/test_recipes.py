@@ -35,7 +35,7 @@ from mimtrain.config.dense import load_dense_config
 from mimtrain.eval.dense.detection import build_detector, canvas_size
 from mimtrain.eval.classify.linprobe import ProbeHead
 from mimtrain.eval.dense.segmentation import Segmentor
-from mimtrain.methods import build_method, mask_mode_for
+from mimtrain.methods import build_pretraining
 from test_dense import write_ade, write_coco
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
@@ -129,10 +129,7 @@ def _meta_model(recipe: Path) -> torch.nn.Module:
     name, kwargs = source_encoder(recipe)
     with torch.device("meta"):
         if kind == "pretrain":
-            enc = build_encoder(name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit or None,
-                                mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
-                                drop_path_rate=cfg.encoder.drop_path_rate, **kwargs)
-            return build_method(cfg.method, enc, cfg.data.img_size)
+            return build_pretraining(cfg)[0]
         geometry = {**kwargs, **cfg.encoder.geometry}
         # an unset image size follows the pretraining run
         img = getattr(cfg.data, "img_size", None) or pretraining_of(recipe).data.img_size

@@ -18,7 +18,7 @@ import torch
 
 from helpers import PY, REPO, TINY_MAE, make_test_shards, run_cli
 from mimtrain.checkpoint.state import CheckpointError, Checkpoints, pickle_imports, tensors_only, verify
-from mimtrain.engine.rundir import RunDirError, open_run_dir
+from mimtrain.engine.rundir import open_run_dir
 from mimtrain.checkpoint.encoder import LoadError, load_encoder, read_source, resolve
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -26,7 +26,7 @@ VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 def world(tmp_path_factory):
     """Labelled shards (3 classes: 24 train, 12 val) and a tiny ViT 'pretraining checkpoint' at 32 px with its own
     normalisation (model.safetensors + the resolved config.yaml, as the trainer writes them), and its export."""
-    from mimtrain.checkpoint.encoder import export
+    from mimtrain.checkpoint.export import export
 
     root = tmp_path_factory.mktemp("surprises")
     train = make_test_shards(root / "train", classes=3, per_class=8, shard_size=6)
@@ -85,7 +85,7 @@ def test_replacing_a_mapping_is_explicit_and_inheritance_uses_the_same_merge(tmp
 
 def test_eval_takes_size_and_normalisation_from_the_source(world, capsys):
     """Before: knn/linprobe/finetune --from a 32 px run used 224 px and ImageNet's mean/std."""
-    from mimtrain.eval.classify.common import source_preprocessing
+    from mimtrain.eval.classify.source import source_preprocessing
     from mimtrain.eval.classify.knn import knn
 
     want = {"img_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -210,16 +210,19 @@ def test_eval_lines_go_above_the_progress_bar(monkeypatch):
     """Before: acc.print wrote the validation line into the middle of the running bar's line."""
     from tqdm import tqdm
 
-    from mimtrain.eval import common
+    from mimtrain.engine.rundir import TaskRun
 
     class Main:
         is_main_process = True
+
+    run = object.__new__(TaskRun)  # only its `say`: no run directory needed
+    run.acc = Main()
 
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     bar = tqdm(total=10, file=out, desc="finetune", ascii=True)
     bar.update(3)
-    common.say(Main(), "epoch 1 step 3: top1 50.00")
+    run.say("epoch 1 step 3: top1 50.00")
     bar.close()
     text = out.getvalue()
     before = text.split("epoch 1 step 3")[0]

@@ -1,6 +1,6 @@
 """One attention layer of each kind, fwd+bwd time and peak memory at a given token grid (CPU or CUDA).
 
-    python mimtrain/bench/attention_layers.py [--grids 56 112] [--dim 96] [--heads 3] [--batch 1] [--steps 5]
+    python -m mimtrain.bench.attention_layers [--grids 56 112] [--dim 96] [--heads 3] [--batch 1] [--steps 5]
 
 Layers, all at the same dim/heads, input [B, H*W, C]:
 - DG-attention: `mimtrain.encoders.dgt.DGAttention` (G groups, top-k keys per group; DGT's defaults G=48, k=98).
@@ -13,7 +13,6 @@ the process's baseline on CPU) belongs to that layer alone. FLOPs: one fwd+bwd, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import resource
 import subprocess
@@ -108,8 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for grid in a.grids:
         for kind in a.kinds:
-            cmd = [sys.executable, __file__, "--one", f"{kind},{grid}", "--dim", str(a.dim), "--heads", str(a.heads),
-                   "--batch", str(a.batch), "--steps", str(a.steps), "--groups", str(a.groups), "--topk", str(a.topk)]
+            cmd = [sys.executable, "-m", "mimtrain.bench.attention_layers", "--one", f"{kind},{grid}",
+                   "--dim", str(a.dim), "--heads", str(a.heads), "--batch", str(a.batch), "--steps", str(a.steps),
+                   "--groups", str(a.groups), "--topk", str(a.topk)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith(TAG)]
             if found:
@@ -117,13 +117,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 sys.stderr.write(proc.stderr[-3000:])
                 rows.append({"kind": kind, "grid": grid, "tokens": grid * grid, "error": f"exit {proc.returncode}"})
-    from mimtrain.bench.harness import cpu_model
+    from mimtrain.bench.report import cpu_model, now
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_model()}"
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    print(f"- command: `python {' '.join(sys.argv)}`\n- device: {dev}, torch {torch.__version__}, "
+    cmd = " ".join(["python -m mimtrain.bench.attention_layers", *(argv if argv is not None else sys.argv[1:])])
+    print(f"- command: `{cmd}`\n- device: {dev}, torch {torch.__version__}, "
           f"{rows[0].get('threads', '-')} threads; dim {a.dim}, heads {a.heads}, batch {a.batch}, "
-          f"DG G={a.groups} k={a.topk}, window 7; date: {date}\n")
+          f"DG G={a.groups} k={a.topk}, window 7; date: {now()}\n")
     print("| layer | tokens | fwd+bwd ms | peak mem MiB | GFLOP fwd+bwd |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

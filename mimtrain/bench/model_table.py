@@ -1,20 +1,37 @@
 """Parameter / multiply-add table of registered encoders, as papers report them (1000-class head, one image).
 
-    python mimtrain/bench/model_table.py hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
+    python -m mimtrain.bench.model_table hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
+    mimtrain bench --table hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
 
 Prints a markdown table; GFLOPs are multiply-adds (MACs), counted by `mimtrain.bench.flops.count_params_and_macs`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 
 from mimtrain.bench.flops import count_params_and_macs
+from mimtrain.bench.report import write_json
 
 
 def _size(text: str) -> tuple[int, int]:
     h, _, w = text.lower().partition("x")
     return int(h), int(w or h)
+
+
+def table_rows(names: list[str], img_size: tuple[int, int], device: str = "auto") -> list[dict]:
+    """One row per encoder name: params (M) and GMACs of one image at img_size (H, W)."""
+    h, w = img_size
+    rows = []
+    for name in names:
+        params, macs = count_params_and_macs(name, (h, w), device=device)
+        rows.append(dict(name=name, img_size=[h, w], params_m=round(params / 1e6, 2), gmacs=round(macs / 1e9, 2)))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    h, w = rows[0]["img_size"] if rows else (224, 224)
+    lines = [f"| model | params (M) | GFLOPs (MACs) at {h}x{w} |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {r['name']} | {r['params_m']:.2f} | {r['gmacs']:.2f} |" for r in rows])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -25,19 +42,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="meta counts on shapes only (fast); auto falls back to cpu where meta cannot run")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-
-    h, w = args.img_size
-    rows = []
-    for name in args.names:
-        params, macs = count_params_and_macs(name, (h, w), device=args.device)
-        rows.append(dict(name=name, img_size=[h, w], params_m=round(params / 1e6, 2), gmacs=round(macs / 1e9, 2)))
-    print(f"| model | params (M) | GFLOPs (MACs) at {h}x{w} |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['params_m']:.2f} | {r['gmacs']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    rows = table_rows(args.names, args.img_size, args.device)
+    print(format_table(rows))
+    write_json(args.json, rows)
     return rows
 
 

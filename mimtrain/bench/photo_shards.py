@@ -1,6 +1,6 @@
 """Photo-like JPEG shards for `mimtrain bench --decode` where no real dataset is at hand.
 
-    python mimtrain/bench/photo_shards.py OUT [--count 300] [--size 500x375] [--quality 90] [--noise 8] [--seed 0]
+    python -m mimtrain.bench.photo_shards OUT [--count 300] [--size 500x375] [--quality 90] [--noise 8] [--seed 0]
 
 Each image is a random crop (10-100% of the width) of one of scikit-learn's two sample photographs (640x427, shipped
 with the package), resized to the requested size (bicubic), flipped half the time, with its brightness scaled by

@@ -1,4 +1,4 @@
-"""`mimtrain export` and strict, explained loading of encoder weights.
+"""Strict, explained loading of encoder weights (writing exports: `checkpoint/export.py`).
 
 A source is any of: a pretraining run directory (its latest complete checkpoint), a checkpoint directory
 (`model.safetensors` holding the method's state dict: encoder keys under `encoder.`, decoder keys beside them, plus the
@@ -21,18 +21,18 @@ evaluation resolution differs from pretraining.
 """
 from __future__ import annotations
 
-import re
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mimtrain.encoders import build_encoder
+from mimtrain.encoders.base import classifier_keys
 from mimtrain.encoders.timm_glue import DERIVED_BUFFERS, fit_state_dict
 from mimtrain.checkpoint.state import Checkpoints, pickle_imports, refuse_code, tensors_only, verify
 from mimtrain.methods import mask_mode_for
@@ -44,8 +44,6 @@ TRAIN_STATE = "trainer_state_0.json"  # in every mimtrain training checkpoint, w
 DEEPSPEED_DIR = "pytorch_model"  # accelerate save_state under DeepSpeed: the engine's checkpoint (tag) directory
 FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"  # ... under FSDP with a sharded state dict (torch.distributed.checkpoint)
 FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # ... under FSDP with a full state dict
-HEAD = re.compile(r"(^|\.)(head|head_fc|fc_norm)\.")  # classification heads (MAE's fc_norm is part of one): never
-# carried over to a new task
 
 
 class LoadError(ValueError):
@@ -216,18 +214,19 @@ def load_into(model: nn.Module, sd: dict[str, Tensor], where: str, target: str, 
     """Strictly load encoder weights `sd` into `model`, or raise LoadError listing everything that does not fit.
 
     Args:
-        new_head: the model is for a new task: the checkpoint's classification head is dropped and the model's
-            (freshly initialised) head may be missing from it.
+        new_head: the model is for a new task: the checkpoint's classification head (the modules the encoder names
+            in `classifier_modules`, see `encoders.base.classifier_keys`) is dropped and the model's (freshly
+            initialised) head may be missing from it.
 
     Returns:
         {"loaded": n, "dropped": [checkpoint keys left out on purpose]}.
     """
     sd = fit_state_dict(model, sd)
     own = model.state_dict()
-    dropped = [k for k in sd if new_head and HEAD.search(k)]
+    head = classifier_keys(model) if new_head else ()  # the encoder's classifier modules: never carried over
+    dropped = [k for k in sd if k.startswith(head)]
     sd = {k: v for k, v in sd.items() if k not in dropped}
-    missing = [k for k in own if k not in sd and not k.endswith(DERIVED_BUFFERS)
-               and not (new_head and HEAD.search(k))]
+    missing = [k for k in own if k not in sd and not k.endswith(DERIVED_BUFFERS) and not k.startswith(head)]
     unexpected = [k for k in sd if k not in own and not k.endswith(DERIVED_BUFFERS)]
     shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
               for k in sd if k in own and sd[k].shape != own[k].shape]
@@ -285,28 +284,3 @@ def load_encoder(path: str | Path, name: str = "", kwargs: dict | None = None, i
         load_into(model, source.state, source.where, spec.describe(), new_head=new_head)
     return model, spec
 
-
-def export(src: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir/encoder.safetensors` + `config.yaml` (the spec) from any source that carries a config, and
-    timm's `config.json` + `model.safetensors` beside them (`export_formats.write_timm_layout`)."""
-    p = resolve(src)
-    source = read_source(p)
-    if source.spec is None:
-        raise LoadError(f"{p} is a plain state dict: it carries no config to export (load it with "
-                        "--from and encoder.name instead)")
-    with torch.device("meta"):  # check that the weights rebuild the architecture without allocating it
-        model = source.spec.build(num_classes=0)
-    load_into(model, {k: v.to("meta") for k, v in source.state.items()}, source.where, source.spec.describe(),
-              new_head=False)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in source.state.items()}, str(out / ENCODER_FILE))
-    meta = {"encoder": asdict(source.spec), "source": str(p)}
-    if p.is_dir() and (p / CONFIG_FILE).is_file():  # the normalisation it was trained with: evaluation follows it
-        data = (yaml.safe_load((p / CONFIG_FILE).read_text()) or {}).get("data") or {}
-        meta["data"] = {k: data[k] for k in ("mean", "std") if k in data}
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
-    from mimtrain.checkpoint.formats import write_timm_layout  # it builds on this module
-
-    write_timm_layout(out, source.spec, meta.get("data") or {})  # config.json + model.safetensors, for timm and hub
-    return out

@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from mimtrain.encoders.vit import to_timm_keys
 from mimtrain.checkpoint import hub
 from mimtrain.checkpoint.encoder import ENCODER_FILE, EncoderSpec, LoadError, load_into, read_source, resolve
 
@@ -94,8 +95,7 @@ def export_timm_vit(src: str | Path, out_dir: str | Path) -> Path:
     name = f"vit_{VIT_SIZES.get(model.embed_dim, 'base')}_patch{model.patch_size}_224"
     arch = name if timm.is_model(name) else "vit_base_patch16_224"  # model_args carry the exact sizes either way
     vit = timm.create_model(arch, pretrained=False, num_classes=0, **args)
-    vit.load_state_dict({k[len("vit."):]: v for k, v in model.state_dict().items() if k.startswith("vit.")},
-                        strict=True)
+    vit.load_state_dict(to_timm_keys(model.state_dict()), strict=True)
     return hub.save_pretrained(vit, out_dir, model_args=args, data_config=_data_config(spec.img_size, data))
 
 
@@ -115,8 +115,8 @@ def _hf_block(sd: dict, src: str, dst: str) -> dict:
 
 
 def hf_vit_state(model: nn.Module) -> dict:
-    """Our ViT encoder -> HF `ViTModel` keys."""
-    sd = {k[len("vit."):]: v for k, v in model.state_dict().items() if k.startswith("vit.")}
+    """Our ViT encoder -> HF `ViTModel` keys (by way of timm's ViT names)."""
+    sd = to_timm_keys(model.state_dict())
     out = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
            "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
            "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],

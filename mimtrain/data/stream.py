@@ -307,6 +307,25 @@ class ShardStream(IterableDataset):
         yield from self._stream((worker + self.start.get("consumed", 0)) % self.num_streams)
 
 
+def num_classes(urls: list[str], given: int = 0) -> int:
+    """`given` when set (> 0), else the length of make-shards' classes.json beside the first shard."""
+    if given > 0:
+        return given
+    index = Path(urls[0]).parent / "classes.json"
+    if index.is_file():
+        return len(json.loads(index.read_text()))
+    raise ValueError(f"cannot tell the number of classes: no {index}; set data.num_classes")
+
+
+def labelled_pass(urls: list[str], transform: Callable, batch_size: int, rank: int = 0, world_size: int = 1,
+                  num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """One full, unshuffled pass over this process's share of `urls` (evaluation, feature extraction); iterate it
+    again for another pass."""
+    stream = ShardStream(urls, transform, batch_size, seed=0, rank=rank, world_size=world_size,
+                         num_streams=max(1, num_workers), num_batches=None, shuffle_buffer=1, shuffle_shards=False)
+    return make_loader(stream, num_workers, pin_memory)
+
+
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader whose workers are the stream's streams (batching and masks happen in the workers);
     num_workers=0 reads the single stream in the main process."""

@@ -10,7 +10,9 @@ replaces: with the same seed both draw the same crop box and flip (`tests/test_t
 from __future__ import annotations
 
 import io
+import random
 import warnings
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -164,3 +166,19 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * s + m).clamp(0, 1)
+
+
+class PythonSeeded:
+    """Run a transform that draws from Python's `random` (timm's RandAugment, RandomErasing) under a seed drawn from
+    torch's RNG, which the data pipeline seeds per sample, so augmentations are reproducible like torchvision's."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, img):
+        state = random.getstate()
+        random.seed(int(torch.randint(0, 2 ** 31 - 1, ())))
+        try:
+            return self.transform(img)
+        finally:
+            random.setstate(state)

@@ -10,8 +10,11 @@ from typing import Literal, Protocol, runtime_checkable
 import timm
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models._manipulate import MATCH_PREV_GROUP
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mimtrain.masking import check_image_size  # noqa: F401  (the mask grid must tile the image)
 
 
 @runtime_checkable
@@ -41,16 +44,11 @@ class MIMEncoder(Protocol):
         """Classification head on `forward_features`' output: [B, num_classes] (or pooled features)."""
         ...
 
-
-def check_image_size(img_size: int | tuple[int, int], mask_unit: int, name: str = "encoder") -> tuple[int, int]:
-    """Refuse an image size the mask grid does not tile, before any expensive work."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if h % mask_unit or w % mask_unit:
-        raise ValueError(
-            f"image size {h}x{w} is not divisible by the mask unit of {name} ({mask_unit} px); "
-            f"choose data.img_size as a multiple of {mask_unit} or set encoder.mask_unit"
-        )
-    return h, w
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (dict of 'stem' / 'blocks' regexes, `timm.models.group_with_matcher`): layer
+        0 the stem, then the blocks in forward order; names no regex matches (final norm, head) come last. It is
+        what layer-wise lr decay (`engine.optim.layer_decay_groups`) reads."""
+        ...
 
 
 def resolve_mask_unit(mask_unit: int | None, default: int, step: int, name: str) -> int:
@@ -140,9 +138,10 @@ def fill_tokens(tokens: Tensor, mask: Tensor, mask_token: Tensor, channels_last:
 
 
 def build_encoder(name: str, img_size: int, mask_unit: int | None = None, **kwargs) -> nn.Module:
-    """Build a registered encoder by timm name, checking the mask grid before anything else runs."""
-    import mimtrain.encoders  # noqa: F401  (registers our models with timm)
+    """Build a registered encoder by timm name, checking the mask grid before anything else runs.
 
+    Every mimtrain encoder is registered by then: this module is reached only through the `mimtrain.encoders`
+    package, whose `__init__` imports each encoder module."""
     if not timm.is_model(name):
         close = [m for m in timm.list_models(f"*{name.split('_')[0]}*") if m.startswith(("mim_", "hivit", "gpvit",
                                                                                          "dgt", "glnet", "simmim"))]
@@ -154,7 +153,8 @@ def build_encoder(name: str, img_size: int, mask_unit: int | None = None, **kwar
     except TypeError as e:  # a typo in encoder.kwargs, or a value of the wrong kind: one line naming it
         raise ValueError(_kwargs_problem(name, kwargs, e)) from None
     if not isinstance(model, MIMEncoder):
-        raise TypeError(f"'{name}' is a timm model but not a mimtrain encoder (no encode/mask_mode); "
+        raise TypeError(f"'{name}' is a timm model but not a mimtrain encoder (see base.MIMEncoder: encode, "
+                        "mask_mode, group_matcher, ...); "
                         "use one of mimtrain's registered encoders")
     check_image_size(img_size, model.mask_unit, name)
     return model
@@ -185,3 +185,39 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# ------------------------------------------------------------------------------------------- what an encoder declares
+
+def staged_group_matcher(stem: str, stages: str, coarse: bool = False, entry: str = "downsample",
+                         closing: str | None = None) -> dict:
+    """timm's `group_matcher` for an encoder of stages `{stages}.{s}` holding `blocks.{b}` (layer-wise lr decay).
+
+    Layers in forward order: the stem (group 'stem'), then one per block, stage after stage. What opens a stage
+    (`entry`, e.g. its downsampler) feeds its first block, so it shares that block's layer (ordinal (s, 0)); what
+    closes it (`closing`, e.g. a stage norm) joins the stage's last block (timm's MATCH_PREV_GROUP). Names no regex
+    matches (final norm, classifier) form the last layer. coarse: one group per stage.
+    """
+    if coarse:
+        return dict(stem=stem, blocks=rf"^{stages}\.(\d+)\.")
+    blocks = [(rf"^{stages}\.(\d+)\.(?:{entry})\.", (0,)), (rf"^{stages}\.(\d+)\.blocks\.(\d+)\.", None)]
+    if closing:
+        blocks.append((rf"^{stages}\.(\d+)\.(?:{closing})\.", MATCH_PREV_GROUP))
+    return dict(stem=stem, blocks=blocks)
+
+
+def classifier_keys(model: nn.Module | type | str) -> tuple[str, ...]:
+    """Parameter-name prefixes (each ending in '.') of the classification head: what a new task replaces, what
+    loading drops from a checkpoint, what dense tasks freeze, what trains at the full lr under layer decay.
+
+    model: an encoder, its class, or a registered name. An encoder lists its head modules in `classifier_modules`
+    (MAE's fc_norm and DGT's hidden head_fc are part of the head); otherwise timm's `pretrained_cfg['classifier']`.
+    """
+    if isinstance(model, str):  # registered: see build_encoder
+        with torch.device("meta"):
+            model = timm.create_model(model, pretrained=False)
+    names = getattr(model, "classifier_modules", None)
+    if names is None:
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if not names:
+        raise ValueError(f"{getattr(model, '__name__', type(model).__name__)} names no classifier: give it "
+                         "`classifier_modules` (or a pretrained_cfg with 'classifier')")
+    return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))

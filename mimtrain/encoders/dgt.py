@@ -20,7 +20,8 @@ from timm.layers import ConvNormAct, DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from mimtrain.encoders import timm_glue
-from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders.base import (blank_hidden_pixels, fill_tokens, resolve_mask_unit, staged_group_matcher,
+                                    strip_timm_kwargs)
 
 __all__ = ["DGT", "DGAttention", "GlobalAttention", "dg_plan", "dynamic_group_attention", "group_layout",
            "nearest_centroid"]
@@ -327,6 +328,9 @@ class DGT(timm_glue.TimmNative, nn.Module):
     tokens become the mask token. The stem's 3x3 convs overlap cell borders, so hidden pixels are blanked first.
     """
 
+    # The hidden head_fc between the pooled features and the classifier is part of the head.
+    classifier_modules = ("head", "head_fc")  # `base.classifier_keys`: what a new task replaces
+
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  stem_dim: int = 32, dims: tuple[int, ...] = (64, 128, 256, 512),
                  depths: tuple[int, ...] = (1, 2, 17, 2), num_heads: tuple[int, ...] = (2, 4, 8, 16),
@@ -391,6 +395,11 @@ class DGT(timm_glue.TimmNative, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-wise lr decay: stem 0, then the blocks stage by stage (a downsampler joins the first block after
+        it); final norm, head_fc and head last."""
+        return staged_group_matcher(r"^(?:stem|mask_token)", "stages", coarse)
 
     def set_centroid_tau(self, tau: float) -> None:
         """Set Eq. 4's tau in every DG-attention layer (the paper uses 0.1 x the current learning rate)."""

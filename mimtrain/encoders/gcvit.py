@@ -24,7 +24,8 @@ from timm.models.gcvit import GlobalContextVit
 from torch import Tensor, nn
 
 from mimtrain.encoders import timm_glue
-from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders.base import (blank_hidden_pixels, fill_tokens, resolve_mask_unit, staged_group_matcher,
+                                    strip_timm_kwargs)
 from mimtrain.encoders.swin import resize_rel_pos_tables
 
 
@@ -42,6 +43,8 @@ class GCViTEncoder(timm_glue.TimmNative, nn.Module):
         mask_mode: must be "fill".
         **kwargs: passed to timm's GlobalContextVit (mlp_ratio, layer_scale, window_ratio, ...).
     """
+
+    classifier_modules = ("gcvit.head",)  # `base.classifier_keys`: what a new task replaces
 
     patch_size = 4  # the stem's stride
 
@@ -68,6 +71,12 @@ class GCViTEncoder(timm_glue.TimmNative, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"gcvit.{n}" for n in self.gcvit.no_weight_decay()} | {"mask_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-wise lr decay: stem 0, then the blocks stage by stage. The downsampler and the global query
+        generator feed the stage's blocks (they join its first block); the stage's closing norm joins its last."""
+        return staged_group_matcher(r"^(?:gcvit\.stem|mask_token)", r"gcvit\.stages", coarse,
+                                    entry="downsample|global_block", closing="norm")
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resize a checkpoint trained at another img_size (other windows) to this model's relative position tables."""

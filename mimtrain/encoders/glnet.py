@@ -27,7 +27,8 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch import Tensor, nn
 
 from mimtrain.encoders import timm_glue
-from mimtrain.encoders.base import blank_hidden_pixels, fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders.base import (blank_hidden_pixels, fill_tokens, resolve_mask_unit, staged_group_matcher,
+                                    strip_timm_kwargs)
 
 MIXERS = ("glmix", "attn", "hybrid")  # per-stage spatial mixer: GLMix, full MHSA, or the two alternating
 
@@ -224,6 +225,8 @@ class GLNet(timm_glue.TimmNative, nn.Module):
         mask_mode: only "fill" (local convs need the full grid).
     """
 
+    classifier_modules = ("head",)  # `base.classifier_keys`: what a new task replaces
+
     patch_size = 4
     num_prefix_tokens = 0
 
@@ -274,6 +277,11 @@ class GLNet(timm_glue.TimmNative, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-wise lr decay: stem 0, then the blocks stage by stage (a downsampler joins the first block after
+        it); final norm and head last."""
+        return staged_group_matcher(r"^(?:patch_embed|mask_token)", "stages", coarse)
 
     def _glmix_blocks(self, stage: int) -> list[GLMix]:
         return [b.mixer for b in self.stages[stage].blocks if isinstance(b.mixer, GLMix)]

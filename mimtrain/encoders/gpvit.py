@@ -201,6 +201,8 @@ class GPViT(timm_glue.TimmNative, nn.Module):
     One stride-8 feature map (`feature_info`); `forward_pyramid` derives strides 4/8/16/32 from it for dense heads.
     """
 
+    classifier_modules = ("head",)  # `base.classifier_keys`: what a new task replaces
+
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 8, embed_dim: int = 216,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, strip_size: int = 2,
                  gp_positions: tuple[int, ...] = (1, 4, 7, 10), group_nums: tuple[int, ...] = (64, 32, 32, 16),
@@ -259,6 +261,10 @@ class GPViT(timm_glue.TimmNative, nn.Module):
                     blk.dwconv.weight.zero_()
                     blk.dwconv.weight[:, :, 1, 1] = 1.0
                     blk.dwconv.bias.zero_()
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-wise lr decay: stem, position table and mask token 0, block i -> i + 1; final norm and head last."""
+        return dict(stem=r"^(?:stem|pos_embed|mask_token)", blocks=r"^blocks\.(\d+)\.")
 
     def no_weight_decay(self) -> set[str]:
         names = {"pos_embed", "mask_token"}

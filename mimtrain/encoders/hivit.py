@@ -88,6 +88,9 @@ class HiViT(timm_glue.TimmNative, nn.Module):
     the pretrained final norm, a fresh `fc_norm`, head weights drawn with std 2e-5.
     """
 
+    # MAE's fine-tuning fc_norm is part of the head.
+    classifier_modules = ("head", "fc_norm")  # `base.classifier_keys`: what a new task replaces
+
     hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, dims: tuple[int, int, int] = (128, 256, 512),
@@ -161,6 +164,17 @@ class HiViT(timm_glue.TimmNative, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters()
                 if n in ("pos_embed", "mask_token") or n.endswith("relative_position_bias_table")}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's grouping for layer-wise lr decay: embeddings 0, then the MLP blocks of stages 1 and 2 and the
+        attention blocks, in forward order. A merge feeds the next stage, so it shares the layer of that stage's
+        first block (ordinal (stage, 0)); the stages are separate groups because their names carry no stage index."""
+        if coarse:
+            return dict(stem=r"^(?:pos_embed|patch_embed|mask_token)", stage1=r"^stage1\.",
+                        stage2=r"^(?:merge1|stage2)\.", blocks=r"^(?:merge2|blocks)\.")
+        return dict(stem=r"^(?:pos_embed|patch_embed|mask_token)", stage1=r"^stage1\.(\d+)\.",
+                    stage2=[(r"^merge1\.", (0,)), (r"^stage2\.(\d+)\.", None)],
+                    blocks=[(r"^merge2\.", (0,)), (r"^blocks\.(\d+)\.", None)])
 
     # -- the algorithm, in order ---------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from mimtrain.encoders import timm_glue
-from mimtrain.encoders.base import fill_tokens, resolve_mask_unit, strip_timm_kwargs
+from mimtrain.encoders.base import fill_tokens, resolve_mask_unit, staged_group_matcher, strip_timm_kwargs
 
 # Non-persistent, size-bound buffers: the target model rebuilds them for its own window; old checkpoints carry them.
 _SIZE_BOUND_BUFFERS = ("relative_position_index", "attn_mask")
@@ -67,6 +67,8 @@ class SwinEncoder(timm_glue.TimmNative, nn.Module):
         **kwargs: passed to timm's SwinTransformer (mlp_ratio, qkv_bias, ...).
     """
 
+    classifier_modules = ("swin.head",)  # `base.classifier_keys`: what a new task replaces
+
     def __init__(self, img_size: int | tuple[int, int] = 192, patch_size: int = 4, window_size: int = 6,
                  embed_dim: int = 128, depths: tuple[int, ...] = (2, 2, 18, 2),
                  num_heads: tuple[int, ...] = (4, 8, 16, 32), num_classes: int = 1000, drop_path_rate: float = 0.0,
@@ -93,6 +95,12 @@ class SwinEncoder(timm_glue.TimmNative, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"swin.{n}" for n in self.swin.no_weight_decay()} | {"mask_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-wise lr decay: patch embedding 0, then the blocks stage by stage (a patch merging joins the first
+        block after it); unlike timm's Swin, the final norm trains with the head."""
+        return staged_group_matcher(r"^(?:swin\.patch_embed|swin\.absolute_pos_embed|mask_token)", r"swin\.layers",
+                                    coarse)
 
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Resize a checkpoint trained with other windows (e.g. 192 px / window 6) to this model's windows."""

@@ -17,6 +17,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretra
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
+from mimtrain.encoders.base import classifier_keys
+
 _logger = logging.getLogger(__name__)
 
 # Index buffers every model rebuilds for its own geometry: a checkpoint's copy is dropped when the shapes differ.
@@ -93,9 +95,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 
 
 def _new_task_modules(model: nn.Module, sd: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The classifier (and MAE's fine-tuning `fc_norm`) come from the model when the checkpoint's do not fit it:
-    absent (a pretrained encoder), another class count, or a model without them (features_only, num_classes=0)."""
-    for prefix in (model.pretrained_cfg["classifier"] + ".", "fc_norm.", "vit.fc_norm."):
+    """Each classifier module (`base.classifier_keys`: the classifier, MAE's fine-tuning `fc_norm`, DGT's `head_fc`)
+    comes from the model when the checkpoint's does not fit it: absent (a pretrained encoder), another class count,
+    or a model without it (features_only, num_classes=0)."""
+    for prefix in classifier_keys(model):
         theirs = {k for k in sd if k.startswith(prefix)}
         ours = {k for k in own if k.startswith(prefix)}
         if theirs == ours and all(sd[k].shape == own[k].shape for k in ours):
@@ -108,26 +111,14 @@ def _new_task_modules(model: nn.Module, sd: dict[str, Tensor], own: dict[str, Te
     return sd
 
 
-def _timm_vit_keys(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """A plain timm / official-MAE ViT state dict (`blocks.0.attn.qkv.weight`, `pos_embed`, ...) -> our `vit.` keys.
-
-    MAE's pretraining checkpoints also hold the decoder (`decoder_*`) and the decoder's mask token ([1, 1, C_dec]);
-    neither belongs to the encoder.
-    """
-    if not hasattr(model, "vit") or any(k.startswith("vit.") for k in sd):
-        return sd
-    return {f"vit.{k}": v for k, v in sd.items()
-            if not k.startswith("decoder") and not (k == "mask_token" and v.ndim == 3)}
-
-
 def _grid(model: nn.Module) -> tuple[int, int]:
-    return tuple(getattr(model, "grid_size", None) or model.vit.patch_embed.grid_size)
+    return tuple(model.grid_size)  # token grid of the encoders with position tables (ViT, HiViT, GPViT)
 
 
 def fit_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Resize the input-size-bound tables of `sd` to `model` (the encoder's own `adapt_state_dict` first, then
-    absolute position embeddings [1, P+N, C] / [N, C] and relative position bias tables [(2h-1)(2w-1), heads])."""
-    sd = _timm_vit_keys(sd, model)
+    """Resize the input-size-bound tables of `sd` to `model` (the encoder's own `adapt_state_dict` first: other key
+    layouts, e.g. timm's ViT, and its own tables; then absolute position embeddings [1, P+N, C] / [N, C] and relative
+    position bias tables [(2h-1)(2w-1), heads])."""
     if hasattr(model, "adapt_state_dict"):
         sd = model.adapt_state_dict(sd)
     own = model.state_dict()

@@ -21,6 +21,9 @@ from mimtrain.encoders.base import (mae_init_linear, mae_sincos_pos_embed, mask_
 class ViTEncoder(timm_glue.TimmNative, nn.Module):
     """timm VisionTransformer + the mimtrain encoder contract (see `encoders/base.py`)."""
 
+    # MAE's fine-tuning fc_norm is part of the head; `vit.fc_norm` is where timm-layout checkpoints keep theirs.
+    classifier_modules = ("vit.head", "fc_norm", "vit.fc_norm")
+
     hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
@@ -71,6 +74,17 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"vit.pos_embed", "vit.cls_token", "mask_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-wise lr decay as MAE's `get_layer_id_for_vit`: embeddings (and the mask token) 0, block i -> i + 1;
+        the final norm, fc_norm and head match nothing, so they form the last layer (timm's ViT folds its final
+        norm into the last block instead)."""
+        return dict(stem=r"^(?:vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)|mask_token)",
+                    blocks=r"^vit\.blocks\.(\d+)\.")
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A timm / official-MAE ViT state dict -> our keys (`from_timm_keys`); ours pass unchanged."""
+        return from_timm_keys(state_dict)
 
     def _embed(self, x: Tensor) -> Tensor:
         """x: [B, 3, H, W] -> patch tokens with position: [B, L, C]."""
@@ -129,6 +143,25 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """As a classifier (num_classes > 0), MAE's: pool the blocks' output without the pretrained final norm."""
         return self.forward_head(self.forward_features(x, final_norm=isinstance(self.fc_norm, nn.Identity)))
+
+
+def from_timm_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A plain timm / official-MAE ViT state dict (`blocks.0.attn.qkv.weight`, `pos_embed`, ...) -> our `vit.` keys;
+    a state dict already in our layout (any `vit.` key) is returned as is.
+
+    MAE's pretraining checkpoints also hold the decoder (`decoder_*`) and the decoder's mask token ([1, 1, C_dec]);
+    neither belongs to the encoder.
+    """
+    if any(k.startswith("vit.") for k in sd):
+        return sd
+    return {f"vit.{k}": v for k, v in sd.items()
+            if not k.startswith("decoder") and not (k == "mask_token" and v.ndim == 3)}
+
+
+def to_timm_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our ViT encoder's state dict -> timm VisionTransformer keys (the `vit.` part; our SimMIM mask token and MAE
+    fc_norm have no place in timm's model)."""
+    return {k[len("vit."):]: v for k, v in sd.items() if k.startswith("vit.")}
 
 
 def _vit(img_size=224, **kwargs) -> ViTEncoder:

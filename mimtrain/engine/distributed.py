@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from mimtrain.config.pretrain import Config, ConfigError
 
@@ -90,8 +90,23 @@ def refuse_cpu_launch(parent_cmdline: list[str] | None = None) -> None:
                           f"CPU use --multi_gpu instead of --cpu: {shlex.join(works)}")
 
 
-def make_accelerator(grad_accum: int, mixed_precision: str, timeout_s: int = 0) -> Accelerator:
-    """The Accelerator for this launch. Refuses launches that would silently train each process alone.
+def precision(name: str) -> str:
+    """train.precision (auto|bf16|fp16|fp32) -> accelerate's mixed_precision; auto is bf16 on a GPU."""
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    choice = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(name)
+    if choice is None:
+        raise ConfigError(f"train.precision must be auto|bf16|fp16|fp32, got '{name}'")
+    return choice
+
+
+def make_accelerator(grad_accum: int, precision_name: str, timeout_s: int = 0,
+                     find_unused_parameters: bool = False) -> Accelerator:
+    """The one Accelerator factory (pretraining, fine-tuning, probing, dense transfer). Refuses launches that would
+    silently train each process alone.
+
+    `precision_name` is train.precision (see `precision`). `find_unused_parameters` is for DDP when some parameters
+    can sit out a step (Mask R-CNN's mask branch, DGT's classification layers in dense tasks).
 
     `timeout_s` (train.dist_timeout_s; 0 = torch's default, 30 min) bounds every collective: a process that stalls
     (stopped, swapping, a dead node that keeps its sockets) makes its peers fail with a timeout error after that long
@@ -109,8 +124,11 @@ def make_accelerator(grad_accum: int, mixed_precision: str, timeout_s: int = 0) 
     if mode == "deepspeed" and not cuda:  # accelerate picks no backend without CUDA; DeepSpeed's comm needs one
         pg["backend"] = "gloo"
     handlers = [InitProcessGroupKwargs(**pg)] if pg else []
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     # cpu=True without CUDA lets `accelerate launch --multi_gpu` run DDP processes over gloo; DeepSpeed must see
     # cpu=False, or accelerate switches it off.
+    mixed_precision = precision(precision_name)
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
                               cpu=not cuda and mode == "ddp", kwargs_handlers=handlers)
     launched = int(os.environ.get("WORLD_SIZE", "1"))

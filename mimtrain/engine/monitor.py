@@ -2,27 +2,28 @@
 
 The encoder being trained (unwrapped, eval mode, no grad) embeds `data.knn_train_shards` (the bank) and
 `data.val_shards` (the queries), both labelled; each process embeds its share of the shards and the features are
-gathered, then classified by `mimtrain.eval.classify.knn.knn_classify` (the code of `mimtrain knn`; features are taken under
-autocast, classified in fp32). The main process logs `knn/top1` and
-`knn/top5` (top-5 only with 5 classes or more). Not under ZeRO-3 / FSDP: their forward is a collective over parameter
-shards, and the processes' shares of the labelled shards differ in size; evaluate the checkpoints with `mimtrain knn --from RUN` instead.
+gathered, then classified by `features.knn_accuracy`: the code of `mimtrain knn`, with its defaults (k = 20,
+T = 0.07, the evaluation crop). Features are taken under autocast and classified in fp32. The main process logs
+`knn/top1` and `knn/top5` (top-5 only with 5 classes or more). Not under ZeRO-3 / FSDP: their forward is a collective
+over parameter shards, and the processes' shares of the labelled shards differ in size; evaluate the checkpoints
+with `mimtrain knn --from RUN` instead.
 
 Images are decoded in the main process (no DataLoader workers): a SIGTERM to the process group while the probe runs
 would kill torch's workers and fail the run before its preemption checkpoint (see `preempt.shield_workers`).
-
-The engine reaches into `eval/` here, against the one-way layout, on purpose: one k-NN implementation, imported
-lazily so the engine does not load the evaluation code unless the probe is on.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from mimtrain.config.classify import EvalDataConfig, EvalTrainConfig, KnnOptions
 from mimtrain.config.pretrain import Config, ConfigError
-from mimtrain.engine.distributed import module_dtype, params_sharded
+from mimtrain.data.stream import expand_shards, labelled_pass, num_classes, require_labels
+from mimtrain.data.transforms import eval_transform
+from mimtrain.engine.distributed import module_dtype, params_sharded, unwrap
+from mimtrain.features import knn_accuracy, resolve_pool
 
 
 class KnnMonitor:
@@ -38,15 +39,6 @@ class KnnMonitor:
         if params_sharded(accelerator):
             raise ConfigError("train.knn_every is not available under ZeRO-3 or FSDP (the encoder's parameters are "
                               "sharded); set train.knn_every=0 and run `mimtrain knn --from RUN` on the checkpoints")
-        from mimtrain.data.stream import expand_shards, require_labels
-        from mimtrain.eval.classify.common import num_classes
-        from mimtrain.config.classify import knn_defaults
-
-        base = knn_defaults()
-        self.cfg = dataclasses.replace(base, seed=cfg.seed, data=dataclasses.replace(
-            base.data, img_size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std,
-            num_workers=0, train_shards=cfg.data.knn_train_shards, val_shards=cfg.data.val_shards),
-            train=dataclasses.replace(base.train, progress=False))  # no second bar inside the training bar
         self.bank, self.queries = expand_shards(cfg.data.knn_train_shards), expand_shards(cfg.data.val_shards)
         require_labels(self.bank + self.queries, "train.knn_every (the k-NN monitor)")
         if min(len(self.bank), len(self.queries)) < accelerator.num_processes:
@@ -55,29 +47,28 @@ class KnnMonitor:
         if not (Path(self.bank[0]).parent / "classes.json").is_file():
             raise ConfigError("train.knn_every: no classes.json beside data.knn_train_shards (write labelled shards "
                               "with `mimtrain make-shards` from an ImageFolder tree)")
-        self.num_classes = num_classes(self.cfg, self.bank)
+        self.num_classes = num_classes(self.bank)
+        self.knn = KnnOptions()  # `mimtrain knn`'s defaults
+        self.transform = eval_transform(cfg.data.img_size, cfg.data.mean, cfg.data.std, EvalDataConfig().crop_pct)
+        self.batch_size = EvalTrainConfig().eval_batch_size
+
+    def _pass(self, urls: list[str], accelerator):
+        return labelled_pass(urls, self.transform, self.batch_size, accelerator.process_index,
+                             accelerator.num_processes)  # decoded in this process: see the module's docstring
 
     def __call__(self, step: int, method, accelerator, log) -> None:
         if not self.every or step % self.every:
             return
-        from mimtrain.eval.classify.common import accuracies, eval_stream, resolve_pool, topk_correct
-        from mimtrain.eval.classify.knn import knn_classify
-        from mimtrain.eval.classify.linprobe import extract
-        from mimtrain.engine.distributed import unwrap
-
         encoder = unwrap(accelerator, method).encoder
         was_training = encoder.training
         encoder.eval()
         pool = resolve_pool("auto", encoder, default_cls=True)
         half = module_dtype(accelerator)  # DeepSpeed bf16/fp16 weights: autocast feeds them half-precision inputs
         with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=half, enabled=half is not None):
-            bank, labels = extract(encoder, eval_stream(self.cfg, self.bank, accelerator), pool, self.cfg, accelerator)
-            feats, truth = extract(encoder, eval_stream(self.cfg, self.queries, accelerator), pool, self.cfg,
-                                   accelerator)
+            acc = knn_accuracy(encoder, self._pass(self.bank, accelerator), self._pass(self.queries, accelerator),
+                               pool, self.num_classes, accelerator, self.knn.k, self.knn.temperature, progress=False)
         encoder.train(was_training)
-        scores = knn_classify(bank, labels, feats, self.num_classes, self.cfg.knn.k, self.cfg.knn.temperature)
-        c1, c5 = topk_correct(scores, truth)
-        acc = accuracies(c1.item(), c5.item(), len(truth), self.num_classes)  # top5 None below 5 classes
-        log.scalars(step, {f"knn/{k}": v for k, v in acc.items() if v is not None})
+        shown = {k: v for k, v in acc.items() if k in ("top1", "top5") and v is not None}  # top5 None below 5 classes
+        log.scalars(step, {f"knn/{k}": v for k, v in shown.items()})
         if accelerator.is_main_process:  # above the training bar, not into it
-            tqdm.write(f"step {step}: k-NN top-1 {acc['top1']:.2f}% ({len(truth)} queries)")
+            tqdm.write(f"step {step}: k-NN top-1 {acc['top1']:.2f}% ({acc['num_val']} queries)")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import os
 import socket
@@ -140,3 +141,34 @@ def _checkpoint_to_resume(ckpts: Checkpoints, resume: str, say) -> Path | None:
             say(f"resume={resume}: {newer.name} is newer than the checkpoint resumed from; kept as "
                 f"{ckpts.set_aside(newer, 'superseded').name}")
     return ckpt
+
+
+class TaskRun:
+    """The run directory of a fine-tuning, probing, k-NN or dense-transfer run, written the same way by each:
+    `config.yaml` (resolved, with derived values) at the start, `metrics.jsonl` and TensorBoard through `log`,
+    `results.json` at the end."""
+
+    def __init__(self, cfg, acc, derived: dict | None = None):
+        from mimtrain.config.pretrain import save_config
+        from mimtrain.engine.logging import RunLogger
+
+        self.acc, self.dir = acc, Path(cfg.output_dir)
+        if acc.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml", derived=derived)
+        self.log = RunLogger(self.dir, enabled=acc.is_main_process)
+
+    def say(self, text: str) -> None:
+        """Print on the main process above a running tqdm bar (tqdm.write), not into the middle of it."""
+        if self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
+
+    def finish(self, results: dict) -> dict:
+        """results.json, then close the logger and the accelerator's trackers."""
+        if self.acc.is_main_process:
+            (self.dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        self.log.close()
+        self.acc.end_training()
+        return results

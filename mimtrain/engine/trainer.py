@@ -14,14 +14,13 @@ import yaml
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mimtrain.config.pretrain import Config, ConfigError, derive, to_dict
+from mimtrain.config.pretrain import Config, derive, to_dict
 from mimtrain.data.stream import ShardStream, count_samples, expand_shards, make_loader
 from mimtrain.data.transforms import pretrain_transform
-from mimtrain.encoders import build_encoder
-from mimtrain.masking import MaskingService
-from mimtrain.methods import build_method, mask_mode_for
+from mimtrain.methods import build_pretraining
 from mimtrain.checkpoint.state import Checkpoints
 from mimtrain.engine.fastpath import apply_fast_path
+from mimtrain.engine.fit import NonFiniteLoss
 from mimtrain.engine.distributed import configure_deepspeed, make_accelerator, module_dtype, unwrap
 from mimtrain.engine.logging import RunLogger
 from mimtrain.engine.monitor import KnnMonitor
@@ -31,32 +30,14 @@ from mimtrain.engine.resume import TrainState, restore
 from mimtrain.engine.rundir import claim
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _precision(name: str) -> str:
-    if name == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}.get(name) or _bad_precision(name)
-
-
-def _bad_precision(name: str):
-    raise ConfigError(f"train.precision must be auto|bf16|fp16|fp32, got '{name}'")
-
-
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job. Returns a summary dict (first/last logged loss, run paths, whether a
     SIGTERM/SIGUSR1 stopped it early after writing a checkpoint)."""
-    accelerator = make_accelerator(cfg.train.grad_accum, _precision(cfg.train.precision), cfg.train.dist_timeout_s)
+    accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.precision, cfg.train.dist_timeout_s)
     set_seed(cfg.seed)
     # Everything that can be refused is checked before any data is read or any step runs.
     urls = expand_shards(cfg.data.train_shards)
-    encoder = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit,
-                            mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
-                            drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
-    masking = MaskingService.for_encoder(encoder, cfg.data.img_size, cfg.mask, cfg.seed)
-    method = build_method(cfg.method, encoder, cfg.data.img_size)
+    method, masking = build_pretraining(cfg)
     method = apply_fast_path(method, cfg.train, masking)  # compile, channels-last, SDPA, static visible count
     d = derive(cfg, accelerator.num_processes, cfg.data.samples_per_epoch or count_samples(urls))
     ckpts = Checkpoints(cfg.output_dir, cfg.train.keep_last, cfg.train.keep_every)

@@ -1,1 +1,2 @@
-"""Evaluation: encoder export and strict loading, ImageNet-style fine-tuning, linear probing and k-NN."""
+"""Evaluation tasks, each a loss, an evaluate and a recipe run by `engine.fit`: `classify/` (fine-tuning, linear
+probing, k-NN) and `dense/` (COCO detection, ADE20K segmentation)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from mimtrain.config.pretrain import ConfigError
+from mimtrain.encoders import build_encoder
+from mimtrain.masking import MaskingService
 from mimtrain.methods.mae import MAE
 from mimtrain.methods.simmim import SimMIM
 
@@ -41,3 +43,17 @@ def build_method(cfg, encoder: nn.Module, img_size: int) -> nn.Module:
         return MAE(encoder, img_size, decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
                    decoder_heads=cfg.decoder_heads, norm_pix_loss=cfg.norm_pix_loss)
     return SimMIM(encoder, norm_pix_loss=cfg.norm_pix_loss)
+
+
+def build_pretraining(cfg) -> tuple[nn.Module, MaskingService]:
+    """cfg: pretraining `Config` -> (method, masking): what a pretraining run trains, for the trainer, `mimtrain bench`
+    and the tests alike. The encoder is built headless (num_classes=0) in the mask mode its method consumes; the
+    masking service draws [B, Gh, Gw] masks on that encoder's mask-unit grid at `cfg.data.img_size`. The masking
+    service is built before the method so that a bad mask ratio is refused first. On the current device (CPU, or
+    meta inside `torch.device("meta")`), in train mode, without the trainer's fast path (`apply_fast_path`)."""
+    S = cfg.data.img_size
+    encoder = build_encoder(cfg.encoder.name, S, mask_unit=cfg.encoder.mask_unit,
+                            mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
+                            drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
+    masking = MaskingService.for_encoder(encoder, S, cfg.mask, cfg.seed)
+    return build_method(cfg.method, encoder, S), masking

@@ -10,29 +10,26 @@ TensorBoard and `results.json`; the fine-tuned model is written as an export (`f
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 
 import torch
-import yaml
-from safetensors.torch import save_file
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from mimtrain.config.pretrain import derive
-from mimtrain.data.stream import ShardStream, count_samples
-from mimtrain.engine.distributed import unwrap
-from mimtrain.engine.logging import RunLogger
-from mimtrain.engine.optim import build_schedule
-from mimtrain.eval.classify.common import (PythonSeeded, accelerator_for, batches, build_from_checkpoint, eval_stream, evaluate,
-                     follow_source, logits, num_classes, resolve_pool, say, shard_urls, start_run,
-                     write_results)
+from mimtrain.checkpoint.export import write_classifier_export
 from mimtrain.config.classify import EvalConfig
-from mimtrain.checkpoint.encoder import CONFIG_FILE, ENCODER_FILE
-from mimtrain.eval.layer_decay import param_groups
+from mimtrain.config.pretrain import derive
+from mimtrain.data.stream import ShardStream, count_samples, make_loader
+from mimtrain.data.transforms import PythonSeeded
+from mimtrain.engine.distributed import unwrap
+from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.optim import build_schedule, layer_decay_groups
+from mimtrain.engine.rundir import TaskRun
+from mimtrain.eval.classify.source import (accelerator_for, build_from_checkpoint, eval_pass, follow_source,
+                                           labelled_shards)
+from mimtrain.features import evaluate, logits, resolve_pool
 
 
 def train_transform(cfg: EvalConfig):
@@ -62,21 +59,17 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
     acc = accelerator_for(cfg)
     cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     # Everything that can be refused (shards, classes, checkpoint fit, schedule) is checked before any step.
-    train_urls, val_urls = shard_urls(cfg)
-    n_cls = num_classes(cfg, train_urls)
+    train_urls, val_urls, n_cls = labelled_shards(cfg)
     encoder, spec = build_from_checkpoint(cfg, source, num_classes=n_cls, drop_path_rate=cfg.encoder.drop_path_rate)
     pool = resolve_pool(cfg.encoder.pool, encoder, default_cls=False)
     if pool == "avg":  # MAE: fc_norm after the pool replaces the pretrained final norm, which then gets no gradient
         for module in getattr(encoder, "unused_by_classifier", list)():
             module.requires_grad_(False)
     d = derive(cfg, acc.num_processes, cfg.data.samples_per_epoch or count_samples(train_urls))
-    groups = param_groups(encoder, cfg.optim.weight_decay, cfg.finetune.layer_decay, set(encoder.no_weight_decay()))
-    for g in groups:
-        g.pop("param_names")
-        g.pop("layer")
+    ft = cfg.finetune
+    groups = layer_decay_groups(encoder, cfg.optim.weight_decay, ft.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=d.lr, betas=tuple(cfg.optim.betas))
     schedule = build_schedule(optimizer, d, cfg.optim)
-    ft = cfg.finetune
     mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing, num_classes=n_cls) \
         if ft.mixup > 0 or ft.cutmix > 0 else None
     criterion = SoftTargetCrossEntropy() if mixup else \
@@ -85,100 +78,51 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
         raise ValueError(f"Mixup/CutMix pair images within a batch: train.batch_size must be even "
                          f"(got {cfg.train.batch_size})")
 
-    out = start_run(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "encoder": asdict(spec)})
+    run = TaskRun(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "encoder": asdict(spec)})
     acc.print(f"fine-tune {spec.describe()} from {source}: {n_cls} classes, lr = blr {cfg.optim.blr:g} x "
               f"{d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}, layer decay {ft.layer_decay} over "
               f"{len({g['lr_scale'] for g in groups})} layers; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
     model, optimizer = acc.prepare(Classifier(encoder, pool), optimizer)
     ema = ModelEmaV3(unwrap(acc, model), decay=ft.ema_decay) if ft.ema else None
-    streams = max(1, cfg.data.num_workers)
     data = ShardStream(train_urls, train_transform(cfg), cfg.train.batch_size, seed=cfg.seed,
-                       rank=acc.process_index, world_size=acc.num_processes, num_streams=streams,
+                       rank=acc.process_index, world_size=acc.num_processes, num_streams=max(1, cfg.data.num_workers),
                        num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
-    val = eval_stream(cfg, val_urls, acc)
-    log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
-    bar = tqdm(total=d.stop_step, disable=not (acc.is_main_process and cfg.train.progress), desc="finetune",
-               dynamic_ncols=True)
-    step, epoch, metrics, best = 0, 0, {}, 0.0
-    on_step = getattr(encoder, "on_step", None)
-    loss_sum, n_micro, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-    while step < d.stop_step:
+    best = 0.0
+
+    def epoch_batches(epoch: int):
         data.set_epoch(epoch)
-        model.train()
-        for i, batch in enumerate(batches(data, cfg, acc)):
-            x, y = batch["images"].to(acc.device), batch["label"].to(acc.device)
-            if mixup:
-                x, y = mixup(x, y)
-            if i % cfg.train.grad_accum == 0:
-                schedule.step_update(step)
-                if on_step is not None:  # encoder hook, as in pretraining (DGT's centroid rate follows the lr)
-                    on_step(step, max(g["lr"] for g in optimizer.param_groups))
-            with acc.accumulate(model):
-                with acc.autocast():
-                    loss = criterion(model(x), y)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.optim.clip_grad > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum, n_micro = loss_sum + loss.detach(), n_micro + 1
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if ema is not None:
-                ema.update(unwrap(acc, model), step=step)
-            if step % cfg.train.log_every == 0 or step >= d.stop_step:
-                mean_loss = acc.reduce(loss_sum / n_micro, "mean").item()
-                lr = max(g["lr"] for g in optimizer.param_groups)
-                log.scalars(step, {"epoch": epoch, "loss": mean_loss, "lr": lr,
-                                   "images_per_sec": n_micro * cfg.train.batch_size * d.world_size /
-                                   (time.perf_counter() - t0)})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                loss_sum, n_micro, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-            if step >= d.stop_step:
-                break
-        epoch += 1
-        last = step >= d.stop_step
-        if last or (cfg.train.eval_every and epoch % cfg.train.eval_every == 0):
-            metrics = _validate(model, ema, val, cfg, acc)
-            best = max(best, metrics["top1"])
-            shown = {k: v for k, v in metrics.items() if k != "num_val" and v is not None}  # top5 None: < 5 classes
-            log.scalars(step, {"epoch": epoch, **{f"val/{k}": v for k, v in shown.items()}})
-            say(acc, f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
-    bar.close()
+        return make_loader(data, cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
+
+    def loss(model: nn.Module, batch: dict) -> dict:
+        x, y = batch["images"], batch["label"]
+        if mixup:
+            x, y = mixup(x, y)
+        return {"loss": criterion(model(x), y)}
+
+    def validate(step: int, epochs: int) -> dict:
+        nonlocal best
+        model.eval()
+        metrics = evaluate(model, eval_pass(cfg, val_urls, acc), acc)
+        if ema is not None:
+            ema.eval()
+            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_pass(cfg, val_urls, acc), acc).items()
+                            if k != "num_val"})
+        best = max(best, metrics["top1"])
+        shown = {k: v for k, v in metrics.items() if k != "num_val" and v is not None}  # top5 None: < 5 classes
+        run.log.scalars(step, {"epoch": epochs, **{f"val/{k}": v for k, v in shown.items()}})
+        run.say(f"epoch {epochs} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+        return metrics
+
+    plan = FitPlan(d.stop_step, grad_accum=cfg.train.grad_accum, clip_grad=cfg.optim.clip_grad,
+                   log_every=cfg.train.log_every, batch_size=cfg.train.batch_size,
+                   eval_every_epochs=cfg.train.eval_every, progress=cfg.train.progress, desc="finetune")
+    step, epochs, metrics = fit(
+        model, optimizer, schedule, forever(epoch_batches), loss, acc, plan, run.log, evaluate=validate,
+        before_step=getattr(encoder, "on_step", None),  # encoder hook, as in pretraining (DGT's centroid rate)
+        after_step=None if ema is None else lambda step: ema.update(unwrap(acc, model), step=step))
     results = {"task": "finetune", "source": str(source), "encoder": spec.name, "pool": pool, "num_classes": n_cls,
-               "step": step, "epochs": epoch, **metrics, "best_top1": best}
-    write_results(out, results, acc)
-    _save_final(encoder, spec, n_cls, cfg, out, acc, train_urls)
-    log.close()
-    acc.end_training()
-    return results
-
-
-def _validate(model, ema, val: ShardStream, cfg: EvalConfig, acc) -> dict:
-    model.eval()
-    metrics = evaluate(model, val, cfg, acc)
-    if ema is not None:
-        ema.eval()
-        metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val, cfg, acc).items() if k != "num_val"})
-    model.train()
-    return metrics
-
-
-def _save_final(model, spec, n_cls: int, cfg: EvalConfig, out, acc, train_urls: list[str]) -> None:
-    """The fine-tuned classifier as an export directory (the spec carries num_classes, so it rebuilds with head)."""
-    if not acc.is_main_process:
-        return
-    final = out / "final"
-    final.mkdir(exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(final / ENCODER_FILE))
-    meta = {"encoder": {**asdict(spec), "img_size": cfg.data.img_size,
-                        "kwargs": {**spec.kwargs, "num_classes": n_cls}}, "source": "finetune",
-            "data": {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}}  # what evaluation of it follows
-    (final / CONFIG_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
-    from mimtrain.checkpoint.encoder import EncoderSpec
-    from mimtrain.checkpoint.formats import label_names, write_timm_layout
-
-    # timm's config.json + model.safetensors beside, with the class names (docs/export.md)
-    write_timm_layout(final, EncoderSpec(**meta["encoder"]), meta["data"], label_names(train_urls, n_cls))
+               "step": step, "epochs": epochs, **metrics, "best_top1": best}
+    if acc.is_main_process:  # the fine-tuned classifier as an export (its spec carries num_classes: it has a head)
+        write_classifier_export(run.dir / "final", encoder, spec, cfg.data.img_size, n_cls,
+                                {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}, train_urls)
+    return run.finish(results)

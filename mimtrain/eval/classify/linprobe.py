@@ -16,16 +16,17 @@ import torch
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from mimtrain.config.pretrain import derive
-from mimtrain.data.stream import ShardStream, count_samples
-from mimtrain.data.transforms import pretrain_transform
-from mimtrain.engine.logging import RunLogger
-from mimtrain.engine.optim import build_schedule
-from mimtrain.eval.classify.common import (accelerator_for, accuracies, batches, eval_stream, evaluate, follow_source, frozen_encoder,
-                     num_classes, pooled, shard_urls, start_run, topk_correct, write_results)
 from mimtrain.config.classify import EvalConfig
+from mimtrain.config.pretrain import derive
+from mimtrain.data.stream import ShardStream, count_samples, make_loader
+from mimtrain.data.transforms import pretrain_transform
+from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.optim import build_schedule
+from mimtrain.engine.rundir import TaskRun
+from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder,
+                                           labelled_shards)
+from mimtrain.features import evaluate, extract, pooled, score
 
 
 LARS_TRUST = 0.001  # timm Lars' default trust_coeff (as MAE's LARS), used by `lars` below
@@ -77,33 +78,11 @@ def short_schedule_warning(budget: float, d) -> str:
             f"steps (recipes/linprobe/tiny_cpu.yaml)")
 
 
-@torch.no_grad()
-def extract(encoder: nn.Module, stream: ShardStream, pool: str, cfg: EvalConfig, acc,
-            desc: str = "features") -> tuple[Tensor, Tensor]:
-    """Pooled features and labels of one full pass, gathered from every process: ([N, C], [N]). A progress bar
-    (images done, rate) shows on the main process with train.progress: a pass over a large bank takes minutes."""
-    feats, labels = [], []
-    bar = tqdm(desc=desc, unit="img", disable=not (acc.is_main_process and cfg.train.progress), leave=False)
-    for batch in batches(stream, cfg, acc):
-        bar.update(len(batch["label"]))
-        with acc.autocast():
-            feats.append(pooled(encoder, batch["images"].to(acc.device), pool).float())
-        labels.append(batch["label"].to(acc.device))
-    bar.close()
-    f, y = torch.cat(feats), torch.cat(labels)
-    if acc.num_processes > 1:  # unequal shares per process: gather_for_metrics is not meant for this, objects are
-        from accelerate.utils import gather_object
-        parts = gather_object([(f.cpu(), y.cpu())])
-        f, y = torch.cat([p[0] for p in parts]).to(acc.device), torch.cat([p[1] for p in parts]).to(acc.device)
-    return f, y
-
-
 def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     """Linear-probe the encoder in `source`; `random_init` probes the same architecture untrained (a baseline)."""
     acc = accelerator_for(cfg)
     cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
-    train_urls, val_urls = shard_urls(cfg)
-    n_cls = num_classes(cfg, train_urls)
+    train_urls, val_urls, n_cls = labelled_shards(cfg)
     encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)
     n_train = cfg.data.samples_per_epoch or count_samples(train_urls)
     d = derive(cfg, acc.num_processes, n_train)
@@ -113,102 +92,81 @@ def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     budget = head_budget(d, cfg.optim.min_lr, cfg.linprobe.momentum)
     if budget < 1.0 and acc.is_main_process:
         print(short_schedule_warning(budget, d), file=sys.stderr, flush=True)
-    out = start_run(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "random_init": random_init,
-                               "head_budget": budget})
+    run = TaskRun(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "random_init": random_init,
+                             "head_budget": budget})
     lr_text = f"lr = {d.lr:.3g} (optim.lr)" if cfg.optim.lr > 0 else \
         f"lr = blr {cfg.optim.blr:g} x {d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}"
     acc.print(f"linear probe of {'randomly initialised ' if random_init else ''}{spec.describe()} ({pool} "
               f"features, dim {encoder.embed_dim}): {lr_text}; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
-    log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
-    val = eval_stream(cfg, val_urls, acc)
-    if cfg.linprobe.cache_features:
-        step, metrics = _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log)
-    else:
-        step, metrics = _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log)
-    results = {"task": "linprobe", "source": str(source), "encoder": spec.name, "random_init": random_init,
-               "pool": pool, "num_classes": n_cls, "step": step, **metrics}
-    log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5") and v is not None})
-    write_results(out, results, acc)
-    log.close()
-    acc.end_training()
-    return results
+    train = _train_cached if cfg.linprobe.cache_features else _train_streamed
+    step, metrics = train(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val_urls, run)
+    run.log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5") and v is not None})
+    return run.finish({"task": "linprobe", "source": str(source), "encoder": spec.name, "random_init": random_init,
+                       "pool": pool, "num_classes": n_cls, "step": step, **metrics})
 
 
-def _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log) -> tuple[int, dict]:
+def _cross_entropy(head: nn.Module, batch: tuple) -> dict:
+    features, labels = batch
+    return {"loss": nn.functional.cross_entropy(head(features), labels)}
+
+
+def _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val_urls, run) -> tuple[int, dict]:
     """Features once (evaluation transform), then the head on shuffled feature batches; every process trains the
     same head on the gathered features (the head is tiny), so no gradient exchange is needed."""
     t0 = time.perf_counter()
-    f_train, y_train = extract(encoder, eval_stream(cfg, train_urls, acc), pool, cfg, acc, "features (train)")
-    f_val, y_val = extract(encoder, val, pool, cfg, acc, "features (val)")
+    progress = cfg.train.progress
+    f_train, y_train = extract(encoder, eval_pass(cfg, train_urls, acc), pool, acc, "features (train)", progress)
+    f_val, y_val = extract(encoder, eval_pass(cfg, val_urls, acc), pool, acc, "features (val)", progress)
     acc.print(f"features: {len(f_train)} train, {len(f_val)} val in {time.perf_counter() - t0:.1f}s")
     g = torch.Generator().manual_seed(cfg.seed)
     batch = d.effective_batch
-    step, epoch = 0, 0
-    bar = tqdm(total=d.stop_step, disable=not (acc.is_main_process and cfg.train.progress), desc="linprobe")
-    threads = torch.get_num_threads()
-    if acc.device.type == "cpu":  # the head's ops are tiny: thread sync costs more than it saves (10x on busy hosts)
-        torch.set_num_threads(1)
-    while step < d.stop_step:
-        head.train()
-        order = torch.randperm(len(f_train), generator=g).to(acc.device)
+
+    def epoch_batches(epoch: int):
+        order = torch.randperm(len(f_train), generator=g).to(f_train.device)
         for i in range(d.steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            schedule.step_update(step)
-            loss = nn.functional.cross_entropy(head(f_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step >= d.stop_step:
-                log.scalars(step, {"epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
-            if step >= d.stop_step:
-                break
-        epoch += 1
-    bar.close()
-    torch.set_num_threads(threads)
+            yield f_train[idx], y_train[idx]
+
+    # Each process trains the same head on the same batches (images/s counts one process's share).
+    plan = FitPlan(d.stop_step, log_every=cfg.train.log_every, batch_size=max(1, batch // acc.num_processes),
+                   progress=progress, desc="linprobe")
+    threads, accum = torch.get_num_threads(), acc.gradient_accumulation_steps
+    if acc.device.type == "cpu":  # the head's ops are tiny: thread sync costs more than it saves (10x on busy hosts)
+        torch.set_num_threads(1)
+    acc.gradient_accumulation_steps = 1  # a feature batch is already the whole effective batch
+    try:
+        step, _, _ = fit(head, optimizer, schedule, forever(epoch_batches), _cross_entropy, acc, plan, run.log)
+    finally:
+        torch.set_num_threads(threads)
+        acc.gradient_accumulation_steps = accum
     head.eval()
     with torch.no_grad():
         scores = head(f_val)
-        c1, c5 = topk_correct(scores, y_val)
-    return step, {**accuracies(c1.item(), c5.item(), len(y_val), scores.shape[1]), "num_val": len(y_val)}
+    return step, score(scores, y_val, scores.shape[1])
 
 
-def _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val, log) -> tuple[int, dict]:
+def _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val_urls, run
+                    ) -> tuple[int, dict]:
     """MAE's protocol: crop + flip, features recomputed every step under no_grad, head trained (DDP across
     processes)."""
     transform = pretrain_transform(cfg.data.img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean,
                                    cfg.data.std)
-    streams = max(1, cfg.data.num_workers)
     data = ShardStream(train_urls, transform, cfg.train.batch_size, seed=cfg.seed, rank=acc.process_index,
-                       world_size=acc.num_processes, num_streams=streams, num_batches=d.micro_batches_per_epoch,
-                       shuffle_buffer=cfg.data.shuffle_buffer)
+                       world_size=acc.num_processes, num_streams=max(1, cfg.data.num_workers),
+                       num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
     head, optimizer = acc.prepare(head, optimizer)
-    bar = tqdm(total=d.stop_step, disable=not (acc.is_main_process and cfg.train.progress), desc="linprobe")
-    step, epoch = 0, 0
-    while step < d.stop_step:
+
+    def epoch_batches(epoch: int):
         data.set_epoch(epoch)
-        head.train()
-        for i, batch in enumerate(batches(data, cfg, acc)):
-            if i % cfg.train.grad_accum == 0:
-                schedule.step_update(step)
-            with torch.no_grad(), acc.autocast():
-                f = pooled(encoder, batch["images"].to(acc.device), pool).float()
-            with acc.accumulate(head):
-                loss = nn.functional.cross_entropy(head(f), batch["label"].to(acc.device))
-                acc.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step >= d.stop_step:
-                log.scalars(step, {"epoch": epoch, "loss": acc.reduce(loss.detach(), "mean").item(),
-                                   "lr": optimizer.param_groups[0]["lr"]})
-            if step >= d.stop_step:
-                break
-        epoch += 1
-    bar.close()
+        return make_loader(data, cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
+
+    def loss(head: nn.Module, batch: dict) -> dict:
+        with torch.no_grad():
+            features = pooled(encoder, batch["images"], pool).float()
+        return {"loss": nn.functional.cross_entropy(head(features), batch["label"])}
+
+    plan = FitPlan(d.stop_step, grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every,
+                   batch_size=cfg.train.batch_size, progress=cfg.train.progress, desc="linprobe")
+    step, _, _ = fit(head, optimizer, schedule, forever(epoch_batches), loss, acc, plan, run.log)
     head.eval()
-    return step, evaluate(lambda x: head(pooled(encoder, x, pool).float()), val, cfg, acc)
+    return step, evaluate(lambda x: head(pooled(encoder, x, pool).float()), eval_pass(cfg, val_urls, acc), acc)

@@ -1,7 +1,7 @@
 """`mimtrain detect`: COCO object detection and instance segmentation with Mask R-CNN on any pretrained encoder.
 
 The detector is torchvision's `MaskRCNN` (RPN, RoIAlign box and mask heads, its resize-and-normalise transform) on our
-backbone: the encoder built for a square canvas (`dense_backbone.DenseBackbone`, strides 4-32) under torchvision's
+backbone: the encoder built for a square canvas (`backbone.DenseBackbone`, strides 4-32) under torchvision's
 `FeaturePyramidNetwork` with a max-pooled stride-64 level for the RPN, as in the Mask R-CNN FPN baseline. Training is
 AdamW with layer-wise lr decay over the encoder, linear warm-up and x0.1 steps (1x: 12 epochs, steps after 8 and 11;
 3x: 36 epochs, 27 and 33, multi-scale shorter side 480-800, and in the Swin/HiViT-style 3x recipes a random resize
@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.models.detection import MaskRCNN
@@ -24,15 +24,16 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mimtrain.config.pretrain import ConfigError
-from mimtrain.engine.distributed import unwrap
-from mimtrain.engine.logging import RunLogger
-from mimtrain.data.coco import CocoInstances, ResizeCrop, coco_metrics, collate, to_coco_results
-from mimtrain.eval.classify.common import say, start_run, write_results
-from mimtrain.eval.dense.backbone import DenseBackbone
-from mimtrain.eval.dense.common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
-                           save_final, step_schedule)
 from mimtrain.config.dense import DetectConfig
+from mimtrain.config.pretrain import ConfigError
+from mimtrain.data.coco import CocoInstances, ResizeCrop, coco_metrics, collate, to_coco_results
+from mimtrain.engine.distributed import make_accelerator, unwrap
+from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.optim import step_schedule
+from mimtrain.engine.rundir import TaskRun
+from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.eval.dense.encoder import build_dense_encoder, dense_param_groups
+from mimtrain.eval.dense.run import process_share, reshuffled, save_final
 
 
 class FPNBackbone(nn.Module):
@@ -94,7 +95,7 @@ def evaluate_detection(model: nn.Module, data: CocoInstances, cfg: DetectConfig,
     Returns ({"bbox": {...}, "segm": {...}, "num_val_images": n}, COCOeval's summary); empty on other processes.
     """
     model.eval()
-    loader = DataLoader(Subset(data, my_share(len(data), acc)), batch_size=cfg.train.eval_batch_size,
+    loader = DataLoader(Subset(data, process_share(len(data), acc)), batch_size=cfg.train.eval_batch_size,
                         num_workers=cfg.data.num_workers, collate_fn=collate)
     results, ids = [], []
     for images, targets in loader:
@@ -125,7 +126,10 @@ def _datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
 
 def detect(cfg: DetectConfig, source: str) -> dict:
     """Train and evaluate Mask R-CNN on the encoder in `source` (run dir, checkpoint, export or weights file)."""
-    acc = dense_accelerator(cfg)
+    # DDP looks for unused parameters: the mask branch sits out a step without foreground RoIs, and some encoders'
+    # classification layers (DGT's head_fc) never take part
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=True)
+    set_seed(cfg.seed)
     t = cfg.train
     # Everything that can be refused (data layout, checkpoint fit, schedule) is checked before the first step.
     train_set, val_set = _datasets(cfg)
@@ -142,38 +146,35 @@ def detect(cfg: DetectConfig, source: str) -> dict:
                           f"{t.batch_size} x {acc.num_processes} processes x grad_accum={t.grad_accum}")
     total = t.epochs * steps_per_epoch
     stop = t.max_steps or total
-    optimizer = torch.optim.AdamW(dense_param_groups(model, encoder, cfg.optim), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas))
-    schedule = step_schedule(optimizer, cfg.optim, [e * steps_per_epoch for e in t.lr_steps])
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(dense_param_groups(model, encoder, o.weight_decay, o.layer_decay), lr=o.lr,
+                                  betas=tuple(o.betas))
+    schedule = step_schedule(optimizer, o.warmup_iters, o.warmup_ratio, [e * steps_per_epoch for e in t.lr_steps])
     derived = {"canvas": canvas, "num_classes": len(train_set.cat_ids), "train_images": len(train_set),
                "val_images": len(val_set), "steps_per_epoch": steps_per_epoch, "total_steps": total,
                "stop_step": stop, "effective_batch": t.batch_size * acc.num_processes * t.grad_accum,
                "encoder": asdict(spec)}
-    out = start_run(cfg, acc, derived)
+    run = TaskRun(cfg, acc, derived)
     acc.print(f"detect: Mask R-CNN on {spec.describe()} from {source}: {derived['num_classes']} classes, "
               f"{len(train_set)} train / {len(val_set)} val images, canvas {canvas}, {steps_per_epoch} steps/epoch, "
-              f"stop at {stop}; lr {cfg.optim.lr:g}, layer decay {cfg.optim.layer_decay}")
+              f"stop at {stop}; lr {o.lr:g}, layer decay {o.layer_decay}")
     model, optimizer = acc.prepare(model, optimizer)
-    log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
 
-    def evaluate(step: int) -> dict:
-        metrics, text = evaluate_detection(unwrap(acc, model), val_set, cfg, acc)  # no DDP collectives
+    def evaluate(step: int, epochs: int) -> dict:
+        metrics, text = evaluate_detection(unwrap(acc, model), val_set, cfg, acc)  # unwrapped: no DDP collectives
         if metrics:
-            log.scalars(step, {f"val/{k}_{n}": v for k in ("bbox", "segm") for n, v in metrics[k].items()})
-            say(acc, f"step {step}: box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}\n{text}")
+            run.log.scalars(step, {f"val/{k}_{n}": v for k in ("bbox", "segm") for n, v in metrics[k].items()})
+            run.say(f"step {step}: box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}\n{text}")
         return metrics
 
-    def should_eval(step: int) -> bool:
-        return step == stop or bool(t.eval_every and step % (t.eval_every * steps_per_epoch) == 0)
-
-    step, metrics = fit(model, optimizer, schedule, endless(loader), detection_losses, acc, t, cfg.optim.clip_grad,
-                        stop, should_eval, evaluate, log, getattr(encoder, "on_step", None), "detect")
+    plan = FitPlan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
+                   batch_size=t.batch_size, eval_every_steps=t.eval_every * steps_per_epoch, progress=t.progress,
+                   desc="detect")
+    step, _, metrics = fit(model, optimizer, schedule, forever(reshuffled(loader)), detection_losses, acc, plan, run.log,
+                           evaluate=evaluate, before_step=getattr(encoder, "on_step", None))
     results = {"task": "detect", "source": str(source), "encoder": spec.name, "step": step,
                "epochs": step / steps_per_epoch, **metrics}
     if metrics:
         results.update(box_ap=metrics["bbox"]["AP"], mask_ap=metrics["segm"]["AP"])
-    write_results(out, results, acc)
-    save_final(model, out, acc)
-    log.close()
-    acc.end_training()
-    return results
+    save_final(model, run.dir, acc)
+    return run.finish(results)

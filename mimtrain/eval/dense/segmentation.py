@@ -1,6 +1,6 @@
 """`mimtrain segment`: ADE20K semantic segmentation with an UperNet head on any pretrained encoder.
 
-The encoder is built for the crop size (`dense_backbone.DenseBackbone`, strides 4-32); UperNet decodes at stride 4 and
+The encoder is built for the crop size (`backbone.DenseBackbone`, strides 4-32); UperNet decodes at stride 4 and
 an auxiliary FCN head on the stride-16 level adds 0.4 x its loss, as in the UperNet recipes of Swin, BEiT and MAE.
 Training: random-scale 512 crops, flip, colour jitter (`ade20k.Ade20kTrain`), cross-entropy ignoring 255, AdamW with
 layer-wise lr decay over the encoder, linear warm-up then poly decay for 160k iterations. Evaluation: sliding 512
@@ -14,17 +14,20 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mimtrain.config.pretrain import ConfigError
-from mimtrain.engine.logging import RunLogger
-from mimtrain.data.ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
-from mimtrain.eval.classify.common import say, start_run, write_results
-from mimtrain.eval.dense.backbone import DenseBackbone
-from mimtrain.eval.dense.common import (build_dense_encoder, dense_accelerator, dense_param_groups, endless, fit, my_share,
-                           poly_schedule, save_final)
 from mimtrain.config.dense import SegmentConfig, UperNetConfig
+from mimtrain.config.pretrain import ConfigError
+from mimtrain.data.ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
+from mimtrain.engine.distributed import make_accelerator
+from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.optim import poly_schedule
+from mimtrain.engine.rundir import TaskRun
+from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.eval.dense.encoder import build_dense_encoder, dense_param_groups
+from mimtrain.eval.dense.run import process_share, reshuffled, save_final
 from mimtrain.eval.dense.upernet import FCNHead, UperNetHead
 
 
@@ -98,7 +101,7 @@ def evaluate_segmentation(model: nn.Module, data: Ade20kVal, cfg: SegmentConfig,
     """mIoU, mAcc, aAcc and per-class IoU of `model` (a Segmentor) over `data`, each process scoring its share."""
     model.eval()
     meter = IoUMeter(cfg.data.num_classes, acc.device)
-    loader = DataLoader(Subset(data, my_share(len(data), acc)), batch_size=None, num_workers=cfg.data.num_workers)
+    loader = DataLoader(Subset(data, process_share(len(data), acc)), batch_size=None, num_workers=cfg.data.num_workers)
     for img, label, _ in loader:
         with acc.autocast():
             logits = slide_logits(model, img.to(acc.device), cfg.data.crop_size, cfg.data.slide_stride,
@@ -125,8 +128,10 @@ def _data(cfg: SegmentConfig) -> tuple[Ade20kTrain, Ade20kVal]:
 
 def segment(cfg: SegmentConfig, source: str) -> dict:
     """Train and evaluate UperNet on the encoder in `source` (run dir, checkpoint, export or weights file)."""
-    acc = dense_accelerator(cfg)
-    t, d = cfg.train, cfg.data
+    # DDP looks for unused parameters: some encoders' classification layers (DGT's head_fc) never take part
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=True)
+    set_seed(cfg.seed)
+    t, d, o = cfg.train, cfg.data, cfg.optim
     # Everything that can be refused (data layout, label ids, checkpoint fit) is checked before the first step.
     train_set, val_set = _data(cfg)
     encoder, spec = build_dense_encoder(cfg.encoder, source, d.crop_size)
@@ -140,33 +145,30 @@ def segment(cfg: SegmentConfig, source: str) -> dict:
     if len(loader) < 1:
         raise ConfigError(f"{len(train_set)} training images give no batch of train.batch_size={t.batch_size} on "
                           f"{acc.num_processes} processes")
+    if t.iters < 1:
+        raise ConfigError(f"train.iters (the length of the poly schedule) must be at least 1, got {t.iters}")
     stop = t.max_steps or t.iters
-    optimizer = torch.optim.AdamW(dense_param_groups(segmentor, encoder, cfg.optim), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas))
-    schedule = poly_schedule(optimizer, cfg.optim, t.iters, t.poly_power)
+    optimizer = torch.optim.AdamW(dense_param_groups(segmentor, encoder, o.weight_decay, o.layer_decay), lr=o.lr,
+                                  betas=tuple(o.betas))
+    schedule = poly_schedule(optimizer, o.warmup_iters, o.warmup_ratio, t.iters, t.poly_power)
     derived = {"canvas": d.crop_size, "train_images": len(train_set), "val_images": len(val_set), "stop_step": stop,
                "effective_batch": t.batch_size * acc.num_processes * t.grad_accum, "encoder": asdict(spec)}
-    out = start_run(cfg, acc, derived)
+    run = TaskRun(cfg, acc, derived)
     acc.print(f"segment: UperNet on {spec.describe()} from {source}: {d.num_classes} classes, {len(train_set)} train "
               f"/ {len(val_set)} val images, crop {d.crop_size}, {t.iters} iterations (stop at {stop}); lr "
-              f"{cfg.optim.lr:g}, layer decay {cfg.optim.layer_decay}")
+              f"{o.lr:g}, layer decay {o.layer_decay}")
     model, optimizer = acc.prepare(SegmentationLoss(segmentor), optimizer)
-    log = RunLogger(cfg.output_dir, enabled=acc.is_main_process)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int, epochs: int) -> dict:
         metrics = evaluate_segmentation(segmentor, val_set, cfg, acc)  # unwrapped: no DDP collectives
-        log.scalars(step, {f"val/{k}": metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
-        say(acc, f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, aAcc {metrics['aAcc']:.4f}")
+        run.log.scalars(step, {f"val/{k}": metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
+        run.say(f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, aAcc {metrics['aAcc']:.4f}")
         return metrics
 
-    def should_eval(step: int) -> bool:
-        return step == stop or bool(t.eval_every and step % t.eval_every == 0)
-
-    step, metrics = fit(model, optimizer, schedule, endless(loader), lambda m, b: m(*b), acc, t, cfg.optim.clip_grad,
-                        stop, should_eval, evaluate, log, getattr(encoder, "on_step", None), "segment")
+    plan = FitPlan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
+                   batch_size=t.batch_size, eval_every_steps=t.eval_every, progress=t.progress, desc="segment")
+    step, _, metrics = fit(model, optimizer, schedule, forever(reshuffled(loader)), lambda m, b: m(*b), acc, plan,
+                           run.log, evaluate=evaluate, before_step=getattr(encoder, "on_step", None))
     results = {"task": "segment", "source": str(source), "encoder": spec.name, "step": step, **metrics}
-    write_results(out, results, acc)
-    save_final(segmentor, out, acc)
-    log.close()
-    acc.end_training()
-    return results
+    save_final(segmentor, run.dir, acc)
+    return run.finish(results)

@@ -14,7 +14,8 @@ from timm.layers import ConvNormAct
 from torch import Tensor, nn
 
 
-def _cbr(cin: int, cout: int, k: int) -> ConvNormAct:
+def conv_bn_relu(cin: int, cout: int, k: int) -> ConvNormAct:
+    """k x k conv (same padding, no bias) + BatchNorm + ReLU: [B, cin, h, w] -> [B, cout, h, w]."""
     return ConvNormAct(cin, cout, k, padding=k // 2, bias=False, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU)
 
 
@@ -28,9 +29,9 @@ class PyramidPooling(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, scales: tuple[int, ...]):
         super().__init__()
-        self.pools = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), _cbr(in_channels, channels, 1))
+        self.pools = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1))
                                     for s in scales])
-        self.bottleneck = _cbr(in_channels + len(scales) * channels, channels, 3)
+        self.bottleneck = conv_bn_relu(in_channels + len(scales) * channels, channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = [_resize(p(x), x.shape[-2:]) for p in self.pools]
@@ -44,9 +45,9 @@ class UperNetHead(nn.Module):
                  pool_scales: tuple[int, ...] = (1, 2, 3, 6), dropout: float = 0.1):
         super().__init__()
         self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales)
-        self.lateral = nn.ModuleList([_cbr(c, channels, 1) for c in in_channels[:-1]])
-        self.smooth = nn.ModuleList([_cbr(channels, channels, 3) for _ in in_channels[:-1]])
-        self.fuse = _cbr(len(in_channels) * channels, channels, 3)
+        self.lateral = nn.ModuleList([conv_bn_relu(c, channels, 1) for c in in_channels[:-1]])
+        self.smooth = nn.ModuleList([conv_bn_relu(channels, channels, 3) for _ in in_channels[:-1]])
+        self.fuse = conv_bn_relu(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -65,7 +66,7 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 256, dropout: float = 0.1):
         super().__init__()
-        self.conv = _cbr(in_channels, channels, 3)
+        self.conv = conv_bn_relu(in_channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
