@@ -1,6 +1,7 @@
 """Parameter / multiply-add table of registered encoders, as papers report them (1000-class head, one image).
 
-    python -m mimtrain.bench.model_table hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
+    python -m mimtrain.bench.model_table hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] \
+        [--json out.json]
     mimtrain bench --table hivit_tiny hivit_small hivit_base hivit_large [--img-size 224] [--json out.json]
 
 Prints a markdown table; GFLOPs are multiply-adds (MACs), counted by `mimtrain.bench.flops.count_params_and_macs`.

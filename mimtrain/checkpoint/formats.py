@@ -2,7 +2,8 @@
 
 - `write_timm_layout`: `config.json` (architecture, model_args, pretrained_cfg with the run's preprocessing, class
   names) and `model.safetensors` (a hard link to `encoder.safetensors`), so `timm.create_model(name,
-  pretrained=True, pretrained_cfg_overlay=dict(file=...))` and `mimtrain.checkpoint.hub.from_pretrained(dir)` load the export.
+  pretrained=True, pretrained_cfg_overlay=dict(file=...))` and `mimtrain.checkpoint.hub.from_pretrained(dir)` load
+  the export.
 - `export_timm_vit`: a mim_vit encoder under timm's own `vit_*` key names, loadable without mimtrain.
 - `export_hf`: HF transformers' `ViTMAEForPreTraining` (encoder + decoder) and `ViTModel` directories.
 """

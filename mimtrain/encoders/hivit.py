@@ -27,8 +27,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mimtrain.encoders import timm_glue
-from mimtrain.encoders.base import (fill_tokens, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit, strip_timm_kwargs,
-                   visible_order)
+from mimtrain.encoders.base import (fill_tokens, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit,
+                                    strip_timm_kwargs, visible_order)
 
 CELL = 16  # pixels per main-stage token: the unit that drop mode can remove exactly
 PATCH = 4  # pixels per stage-1 token

@@ -14,8 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mimtrain.encoders import timm_glue
-from mimtrain.encoders.base import (mae_init_linear, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit, strip_timm_kwargs,
-                   visible_order)
+from mimtrain.encoders.base import (mae_init_linear, mae_sincos_pos_embed, mask_to_tokens, resolve_mask_unit,
+                                    strip_timm_kwargs, visible_order)
 
 
 class ViTEncoder(timm_glue.TimmNative, nn.Module):

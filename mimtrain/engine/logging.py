@@ -87,7 +87,8 @@ class RunLogger:
                 for k in ("original", "masked", "reconstruction")]
         rows = torch.stack(cols, dim=1).flatten(0, 1)  # [n*3, 3, H, W], row-major: image by image
         self._image("reconstruction", make_grid(rows, nrow=3, padding=2, pad_value=1.0), step)
-        for name, maps in views.items():  # extra maps of one image (e.g. GLNet slot assignments): [N, 1, h, w] in [0, 1]
+        # extra maps of one image (e.g. GLNet slot assignments): [N, 1, h, w] in [0, 1]
+        for name, maps in views.items():
             if name not in ("original", "masked", "reconstruction"):
                 self._image(name, make_grid(maps.float().cpu(), nrow=8, padding=1, pad_value=1.0), step)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from mimtrain.config.classify import EvalConfig
 from mimtrain.engine.rundir import TaskRun
-from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder,
-                                           labelled_shards)
+from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder, labelled_shards)
 from mimtrain.features import knn_accuracy
 
 

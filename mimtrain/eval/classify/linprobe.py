@@ -24,8 +24,7 @@ from mimtrain.data.transforms import pretrain_transform
 from mimtrain.engine.fit import FitPlan, fit, forever
 from mimtrain.engine.optim import build_schedule
 from mimtrain.engine.rundir import TaskRun
-from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder,
-                                           labelled_shards)
+from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder, labelled_shards)
 from mimtrain.features import evaluate, extract, pooled, score
 
 

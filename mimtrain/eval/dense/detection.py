@@ -170,8 +170,8 @@ def detect(cfg: DetectConfig, source: str) -> dict:
     plan = FitPlan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
                    batch_size=t.batch_size, eval_every_steps=t.eval_every * steps_per_epoch, progress=t.progress,
                    desc="detect")
-    step, _, metrics = fit(model, optimizer, schedule, forever(reshuffled(loader)), detection_losses, acc, plan, run.log,
-                           evaluate=evaluate, before_step=getattr(encoder, "on_step", None))
+    step, _, metrics = fit(model, optimizer, schedule, forever(reshuffled(loader)), detection_losses, acc, plan,
+                           run.log, evaluate=evaluate, before_step=getattr(encoder, "on_step", None))
     results = {"task": "detect", "source": str(source), "encoder": spec.name, "step": step,
                "epochs": step / steps_per_epoch, **metrics}
     if metrics:
