@@ -19,6 +19,7 @@ from torch import nn
 
 from mimtrain.encoders.vit import to_timm_keys
 from mimtrain.checkpoint import hub
+from mimtrain.data.stream import class_names
 from mimtrain.checkpoint.encoder import ENCODER_FILE, EncoderSpec, LoadError, load_into, read_source, resolve
 
 EVAL_PREPROCESSING = dict(interpolation="bicubic", crop_pct=0.875)  # eval_transform's defaults (data/transforms.py)
@@ -54,11 +55,10 @@ def write_timm_layout(out: Path, spec: EncoderSpec, data: dict, label_names: lis
 
 
 def label_names(train_urls: list[str], num_classes: int) -> list[str] | None:
-    """Class names from make-shards' `classes.json` beside the first train shard (the rule `common.num_classes`
-    follows), when it lists exactly the classifier's outputs."""
-    index = Path(train_urls[0]).parent / "classes.json"
-    names = json.loads(index.read_text()) if index.is_file() else None
-    return [str(n) for n in names] if isinstance(names, list) and len(names) == num_classes else None
+    """Class names from make-shards' `classes.json` beside the first train shard (`data.stream.class_names`), when
+    it lists exactly the classifier's outputs."""
+    names = class_names(train_urls)
+    return names if names is not None and len(names) == num_classes else None
 
 
 def _source_encoder(src: str | Path) -> tuple[nn.Module, EncoderSpec, dict]:

@@ -307,14 +307,22 @@ class ShardStream(IterableDataset):
         yield from self._stream((worker + self.start.get("consumed", 0)) % self.num_streams)
 
 
+def class_names(urls: list[str]) -> list[str] | None:
+    """The class names in make-shards' classes.json beside the first shard (label i = names[i]); None without one."""
+    index = Path(urls[0]).parent / "classes.json"
+    names = json.loads(index.read_text()) if index.is_file() else None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
 def num_classes(urls: list[str], given: int = 0) -> int:
     """`given` when set (> 0), else the length of make-shards' classes.json beside the first shard."""
     if given > 0:
         return given
-    index = Path(urls[0]).parent / "classes.json"
-    if index.is_file():
-        return len(json.loads(index.read_text()))
-    raise ValueError(f"cannot tell the number of classes: no {index}; set data.num_classes")
+    names = class_names(urls)
+    if names is None:
+        raise ValueError(f"cannot tell the number of classes: no {Path(urls[0]).parent / 'classes.json'}; set "
+                         "data.num_classes")
+    return len(names)
 
 
 def labelled_pass(urls: list[str], transform: Callable, batch_size: int, rank: int = 0, world_size: int = 1,

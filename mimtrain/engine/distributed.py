@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 
 from mimtrain.config.pretrain import Config, ConfigError
 
@@ -101,12 +101,13 @@ def precision(name: str) -> str:
 
 
 def make_accelerator(grad_accum: int, precision_name: str, timeout_s: int = 0,
-                     find_unused_parameters: bool = False) -> Accelerator:
+                     find_unused_parameters: bool = False, seed: int | None = None) -> Accelerator:
     """The one Accelerator factory (pretraining, fine-tuning, probing, dense transfer). Refuses launches that would
     silently train each process alone.
 
     `precision_name` is train.precision (see `precision`). `find_unused_parameters` is for DDP when some parameters
-    can sit out a step (Mask R-CNN's mask branch, DGT's classification layers in dense tasks).
+    can sit out a step (Mask R-CNN's mask branch, DGT's classification layers in dense tasks). `seed` (cfg.seed)
+    seeds Python, numpy and torch on every process once the launch is accepted.
 
     `timeout_s` (train.dist_timeout_s; 0 = torch's default, 30 min) bounds every collective: a process that stalls
     (stopped, swapping, a dead node that keeps its sockets) makes its peers fail with a timeout error after that long
@@ -138,6 +139,8 @@ def make_accelerator(grad_accum: int, precision_name: str, timeout_s: int = 0,
     expected = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP}.get(mode)
     if expected is not None and accelerator.distributed_type != expected:
         raise RuntimeError(f"the launch asked for {mode} but accelerate set up {accelerator.distributed_type}")
+    if seed is not None:
+        set_seed(seed)
     return accelerator
 
 

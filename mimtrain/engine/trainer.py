@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mimtrain.config.pretrain import Config, derive, to_dict
@@ -33,8 +32,8 @@ from mimtrain.engine.rundir import claim
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job. Returns a summary dict (first/last logged loss, run paths, whether a
     SIGTERM/SIGUSR1 stopped it early after writing a checkpoint)."""
-    accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.precision, cfg.train.dist_timeout_s)
-    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.precision, cfg.train.dist_timeout_s,
+                                   seed=cfg.seed)
     # Everything that can be refused is checked before any data is read or any step runs.
     urls = expand_shards(cfg.data.train_shards)
     method, masking = build_pretraining(cfg)

@@ -23,11 +23,11 @@ from mimtrain.config.classify import EvalConfig
 from mimtrain.config.pretrain import derive
 from mimtrain.data.stream import ShardStream, count_samples, make_loader
 from mimtrain.data.transforms import PythonSeeded
-from mimtrain.engine.distributed import unwrap
+from mimtrain.engine.distributed import make_accelerator, unwrap
 from mimtrain.engine.fit import FitPlan, fit, forever
 from mimtrain.engine.optim import build_schedule, layer_decay_groups
 from mimtrain.engine.rundir import TaskRun
-from mimtrain.eval.classify.source import (accelerator_for, build_from_checkpoint, eval_pass, follow_source,
+from mimtrain.eval.classify.source import (build_from_checkpoint, eval_pass, follow_source,
                                            labelled_shards)
 from mimtrain.features import evaluate, logits, resolve_pool
 
@@ -56,7 +56,7 @@ class Classifier(nn.Module):
 
 def finetune(cfg: EvalConfig, source: str) -> dict:
     """Fine-tune the encoder in `source` (run dir, checkpoint, export or weights file). Returns the results dict."""
-    acc = accelerator_for(cfg)
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, seed=cfg.seed)
     cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     # Everything that can be refused (shards, classes, checkpoint fit, schedule) is checked before any step.
     train_urls, val_urls, n_cls = labelled_shards(cfg)

@@ -4,14 +4,15 @@ pretraining as a progress signal (`engine.monitor`)."""
 from __future__ import annotations
 
 from mimtrain.config.classify import EvalConfig
+from mimtrain.engine.distributed import make_accelerator
 from mimtrain.engine.rundir import TaskRun
-from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder, labelled_shards)
+from mimtrain.eval.classify.source import eval_pass, follow_source, frozen_encoder, labelled_shards
 from mimtrain.features import knn_accuracy
 
 
 def knn(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     """k-NN evaluation of the encoder in `source` on data.train_shards (the bank) and data.val_shards."""
-    acc = accelerator_for(cfg)
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, seed=cfg.seed)
     cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     train_urls, val_urls, n_cls = labelled_shards(cfg)
     encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)

@@ -21,10 +21,11 @@ from mimtrain.config.classify import EvalConfig
 from mimtrain.config.pretrain import derive
 from mimtrain.data.stream import ShardStream, count_samples, make_loader
 from mimtrain.data.transforms import pretrain_transform
+from mimtrain.engine.distributed import make_accelerator
 from mimtrain.engine.fit import FitPlan, fit, forever
 from mimtrain.engine.optim import build_schedule
 from mimtrain.engine.rundir import TaskRun
-from mimtrain.eval.classify.source import (accelerator_for, eval_pass, follow_source, frozen_encoder, labelled_shards)
+from mimtrain.eval.classify.source import eval_pass, follow_source, frozen_encoder, labelled_shards
 from mimtrain.features import evaluate, extract, pooled, score
 
 
@@ -79,7 +80,7 @@ def short_schedule_warning(budget: float, d) -> str:
 
 def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     """Linear-probe the encoder in `source`; `random_init` probes the same architecture untrained (a baseline)."""
-    acc = accelerator_for(cfg)
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, seed=cfg.seed)
     cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     train_urls, val_urls, n_cls = labelled_shards(cfg)
     encoder, spec, pool = frozen_encoder(cfg, source, acc, random_init)

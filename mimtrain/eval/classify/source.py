@@ -101,13 +101,3 @@ def frozen_encoder(cfg: EvalConfig, source: str, acc: Accelerator,
     encoder.eval().to(acc.device)
     return encoder, spec, resolve_pool(cfg.encoder.pool, encoder, default_cls=True)
 
-
-def accelerator_for(cfg, find_unused_parameters: bool = False) -> Accelerator:
-    """The engine's one Accelerator factory (launch checks included), seeded with cfg.seed."""
-    from accelerate.utils import set_seed
-
-    from mimtrain.engine.distributed import make_accelerator
-
-    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=find_unused_parameters)
-    set_seed(cfg.seed)
-    return acc

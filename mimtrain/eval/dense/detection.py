@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.models.detection import MaskRCNN
@@ -128,8 +128,7 @@ def detect(cfg: DetectConfig, source: str) -> dict:
     """Train and evaluate Mask R-CNN on the encoder in `source` (run dir, checkpoint, export or weights file)."""
     # DDP looks for unused parameters: the mask branch sits out a step without foreground RoIs, and some encoders'
     # classification layers (DGT's head_fc) never take part
-    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=True)
-    set_seed(cfg.seed)
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=True, seed=cfg.seed)
     t = cfg.train
     # Everything that can be refused (data layout, checkpoint fit, schedule) is checked before the first step.
     train_set, val_set = _datasets(cfg)

@@ -14,7 +14,6 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -129,8 +128,7 @@ def _data(cfg: SegmentConfig) -> tuple[Ade20kTrain, Ade20kVal]:
 def segment(cfg: SegmentConfig, source: str) -> dict:
     """Train and evaluate UperNet on the encoder in `source` (run dir, checkpoint, export or weights file)."""
     # DDP looks for unused parameters: some encoders' classification layers (DGT's head_fc) never take part
-    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=True)
-    set_seed(cfg.seed)
+    acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, find_unused_parameters=True, seed=cfg.seed)
     t, d, o = cfg.train, cfg.data, cfg.optim
     # Everything that can be refused (data layout, label ids, checkpoint fit) is checked before the first step.
     train_set, val_set = _data(cfg)
