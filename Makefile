@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench gpu-check
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -24,3 +24,8 @@ test: $(VENV)/.installed
 # The CPU demo's tiny ViT under MAE and SimMIM (docs/benchmarks.md, "make bench"); about a minute on a laptop CPU.
 bench: $(VENV)/.installed
 	$(PY) -m mimtrain bench
+
+# One GPU slot (one H100/H200, <= 600 s of commands after the install): parts a-f of docs/benchmarks.md's GPU section,
+# each under its own cap; `bash launch/gpu_check.sh --dry-run` prints the plan. It installs .venv itself.
+gpu-check:
+	bash launch/gpu_check.sh

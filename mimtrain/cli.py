@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+from pathlib import Path
+
+from mimtrain.config.errors import OutputPathError, UserError
 
 
 def is_main_process() -> bool:
@@ -23,11 +27,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def check_output_location(path: str | Path, what: str) -> None:
+    """Refuse, before any work, an output location that cannot be created or written: one under a file, or on a
+    read-only or permission-denied folder. Creates nothing (the run directory is claimed later, by the run)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path} is a file, not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{what} {path} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {path} cannot be written: no write permission on {parent} (or it is on a "
+                              "read-only filesystem)")
+
+
 def _pretrain(args) -> None:
     from mimtrain.config.pretrain import load_config
     from mimtrain.engine.trainer import pretrain
 
     cfg = load_config(args.recipe, args.overrides)
+    check_output_location(cfg.output_dir, "output_dir")
     summary = pretrain(cfg)
     if not is_main_process():
         return
@@ -54,20 +75,16 @@ def _demo_data(args) -> None:
 
 
 def _export(args) -> None:
+    from mimtrain.checkpoint.export import export_as
+
+    written = export_as(args.format, args.ckpt, args.out_dir, overwrite=args.overwrite)
     if args.format == "mimtrain":
-        from mimtrain.checkpoint.export import export
-
-        out = export(args.ckpt, args.out_dir)
-        print(f"exported encoder to {out} (encoder.safetensors + config.yaml; model.safetensors + config.json for "
-              "timm and mimtrain.checkpoint.hub)")
+        print(f"exported encoder to {written[0]} (encoder.safetensors + config.yaml; model.safetensors + config.json "
+              "for timm and mimtrain.checkpoint.hub)")
     elif args.format == "timm-vit":
-        from mimtrain.checkpoint.formats import export_timm_vit
-
-        print(f"exported a plain timm ViT to {export_timm_vit(args.ckpt, args.out_dir)}")
+        print(f"exported a plain timm ViT to {written[0]}")
     else:
-        from mimtrain.checkpoint.formats import export_hf
-
-        for path in export_hf(args.ckpt, args.out_dir):
+        for path in written:
             print(f"exported {path}")
 
 
@@ -76,6 +93,7 @@ def _eval(kind: str):
         from mimtrain.config.classify import load_eval_config
 
         cfg = load_eval_config(kind, args.recipe, args.overrides)
+        check_output_location(cfg.output_dir, "output_dir")
         if kind == "finetune":
             from mimtrain.eval.classify.finetune import finetune
             res = finetune(cfg, args.source)
@@ -85,7 +103,7 @@ def _eval(kind: str):
         else:
             from mimtrain.eval.classify.knn import knn
             res = knn(cfg, args.source, random_init=args.random_init)
-        if not is_main_process():
+        if not is_main_process() or _preempted(res, cfg):
             return
         top5 = "n/a (fewer than 5 classes)" if res["top5"] is None else f"{res['top5']:.2f}%"
         print(f"{kind}: top-1 {res['top1']:.2f}%  top-5 {top5}  ({res['num_val']} val images); "
@@ -98,19 +116,32 @@ def _dense(kind: str):
         from mimtrain.config.dense import load_dense_config
 
         cfg = load_dense_config(kind, args.recipe, args.overrides)
+        check_output_location(cfg.output_dir, "output_dir")
         if kind == "detect":
             from mimtrain.eval.dense.detection import detect
             res = detect(cfg, args.source)
+            if _preempted(res, cfg):
+                return
             if "box_ap" in res and is_main_process():
                 print(f"detect: box AP {res['box_ap']:.4f}  mask AP {res['mask_ap']:.4f}  "
                       f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
         else:
             from mimtrain.eval.dense.segmentation import segment
             res = segment(cfg, args.source)
-            if is_main_process():
+            if is_main_process() and not _preempted(res, cfg):
                 print(f"segment: mIoU {res['mIoU']:.4f}  pixel accuracy {res['aAcc']:.4f}  "
                       f"({res['num_val_images']} val images); results: {cfg.output_dir}/results.json")
     return run
+
+
+def _preempted(res: dict, cfg) -> bool:
+    """A signal stopped the run after a checkpoint (exit 0): say how to continue instead of printing results."""
+    if not res.get("preempted"):
+        return False
+    if is_main_process():
+        print(f"{res['task']}: stopped at step {res['step']} by a signal, checkpoint written; continue with the same "
+              f"command and resume=auto (output_dir {cfg.output_dir})")
+    return True
 
 
 def _version() -> str:
@@ -157,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=("mimtrain", "timm-vit", "hf"), default="mimtrain",
                    help="mimtrain: our layout plus timm's config.json (default); timm-vit: plain timm vit_* keys; "
                         "hf: transformers ViTMAEForPreTraining (out_dir/vitmae) and ViTModel (out_dir/vit)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUT_DIR (replaces the export's files only; refused otherwise). A run "
+                        "or checkpoint folder, or a folder inside another run, is refused either way")
     s.set_defaults(func=_export)
 
     for kind, text in (("finetune", "fine-tune a pretrained encoder for classification on labelled shards"),
@@ -189,18 +223,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """The message on one line: lines joined; of an error re-raised from a DataLoader worker (its message carries
+    the worker's traceback), only the original message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        lines = [lines[-1].split(": ", 1)[-1]]
+    return "; ".join(lines) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The one boundary for errors: a user error (mimtrain.config.errors, which CheckpointError and the other
+    project errors derive from) prints one line and exits with its code (2: bad input or output location; 3: an
+    unusable checkpoint, export or weights file, or a non-finite loss). Anything else is a bug in mimtrain: its
+    traceback is printed, with a line saying so, and the exit status is 1."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out_dir", None):  # export, make-shards, demo-data
+            check_output_location(args.out_dir, "OUT_DIR")
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input (ConfigError is a ValueError): one clear line
-        print(f"mimtrain {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as e:
+        print(f"mimtrain {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except RuntimeError as e:
-        from mimtrain.checkpoint.state import CheckpointError
         from mimtrain.engine.fit import NonFiniteLoss
 
-        if not isinstance(e, (NonFiniteLoss, CheckpointError)):
-            raise
-        print(f"mimtrain {args.command}: error: {e}", file=sys.stderr)
+        if not isinstance(e, NonFiniteLoss):
+            _internal(args.command)
+        print(f"mimtrain {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(3)
+    except Exception:
+        _internal(args.command)
+
+
+def _internal(command: str) -> None:
+    """Inside an `except`: print the traceback and say it is a bug to report, then exit 1."""
+    traceback.print_exc()
+    print(f"mimtrain {command}: internal error: the traceback above is a bug in mimtrain, not a problem with your "
+          "input; please report it (with the command line and the traceback)", file=sys.stderr)
+    sys.exit(1)

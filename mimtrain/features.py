@@ -16,10 +16,10 @@ def resolve_pool(cfg_pool: str, model: nn.Module, default_cls: bool) -> str:
     """encoder.pool (auto|avg|cls) -> "avg" or "cls"; auto takes the class token where the encoder has one and
     `default_cls` (linear probe, k-NN: MAE's protocol), the average of the last map otherwise."""
     if cfg_pool == "auto":
-        return "cls" if default_cls and hasattr(model, "forward_cls") else "avg"
+        return "cls" if default_cls and model.has_class_token else "avg"
     if cfg_pool not in ("avg", "cls"):
         raise ConfigError(f"encoder.pool must be auto|avg|cls, got '{cfg_pool}'")
-    if cfg_pool == "cls" and not hasattr(model, "forward_cls"):
+    if cfg_pool == "cls" and not model.has_class_token:
         raise ConfigError(f"encoder.pool=cls needs a class token; {type(model).__name__} has none (use avg)")
     return cfg_pool
 
@@ -28,14 +28,14 @@ def pooled(model: nn.Module, x: Tensor, pool: str) -> Tensor:
     """x: [B, 3, H, W] -> [B, C]: the class token (ViT) or the global average of the last feature map."""
     if pool == "cls":
         return model.forward_cls(x)
-    return model.forward_features(x)[-1].mean(dim=(2, 3))
+    return model.forward_features(x).mean(dim=(2, 3))
 
 
 def logits(model: nn.Module, x: Tensor, pool: str) -> Tensor:
     """x: [B, 3, H, W] -> [B, classes] through the encoder's own head; "cls" feeds the class token as a 1x1 map,
     which the head's global average leaves unchanged."""
     if pool == "cls":
-        return model.forward_head([model.forward_cls(x)[:, :, None, None]])
+        return model.forward_head(model.forward_cls(x)[:, :, None, None])
     return model(x)
 
 

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mimtrain.config.errors import ConfigError
+
 
 def check_image_size(img_size: int | tuple[int, int], mask_unit: int, name: str = "encoder") -> tuple[int, int]:
     """Refuse an image size the mask grid does not tile, before any expensive work."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if h % mask_unit or w % mask_unit:
-        raise ValueError(
+        raise ConfigError(
             f"image size {h}x{w} is not divisible by the mask unit of {name} ({mask_unit} px); "
             f"choose data.img_size as a multiple of {mask_unit} or set encoder.mask_unit"
         )
@@ -89,18 +91,18 @@ class MaskingService:
     def for_encoder(cls, encoder, img_size: int | tuple[int, int], mask_cfg, seed: int) -> "MaskingService":
         h, w = check_image_size(img_size, encoder.mask_unit, type(encoder).__name__)
         if mask_cfg.generator not in ("random", "block"):
-            raise ValueError(f"mask.generator must be 'random' or 'block', got {mask_cfg.generator!r}")
+            raise ConfigError(f"mask.generator must be 'random' or 'block', got {mask_cfg.generator!r}")
         if not 0.0 < mask_cfg.ratio < 1.0:
-            raise ValueError(f"mask.ratio must be in (0, 1), got {mask_cfg.ratio}")
+            raise ConfigError(f"mask.ratio must be in (0, 1), got {mask_cfg.ratio}")
         service = cls(grid=(h // encoder.mask_unit, w // encoder.mask_unit), mode=encoder.mask_mode,
                       ratio=mask_cfg.ratio, seed=seed, generator=mask_cfg.generator, min_block=mask_cfg.min_block,
                       max_aspect=mask_cfg.max_aspect)
         units = service.grid[0] * service.grid[1]
         if not 0 < service.n_hidden < units:  # nothing to predict (NaN loss at step 1), or nothing left to see
-            raise ValueError(f"mask.ratio={mask_cfg.ratio} hides {service.n_hidden} of the {units} mask units "
-                             f"({service.grid[0]}x{service.grid[1]} grid of {encoder.mask_unit} px at {h}x{w}); "
-                             f"at least 1 and at most {units - 1} must be hidden: use a ratio in "
-                             f"[1/{units}, {units - 1}/{units}] = [{1 / units:.4g}, {(units - 1) / units:.4g}]")
+            raise ConfigError(f"mask.ratio={mask_cfg.ratio} hides {service.n_hidden} of the {units} mask units "
+                              f"({service.grid[0]}x{service.grid[1]} grid of {encoder.mask_unit} px at {h}x{w}); "
+                              f"at least 1 and at most {units - 1} must be hidden: use a ratio in "
+                              f"[1/{units}, {units - 1}/{units}] = [{1 / units:.4g}, {(units - 1) / units:.4g}]")
         return service
 
     @property

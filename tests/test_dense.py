@@ -146,7 +146,7 @@ def test_padding_to_the_canvas_leaves_a_full_size_input_unchanged():
     backbone = DenseBackbone(enc, (64, 64)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        want = enc.forward_features(x)
+        want = enc.forward_intermediates(x, intermediates_only=True)
         got = backbone(x)
     assert torch.allclose(got[3], backbone.norms[3](want[3]), atol=1e-6)
 
@@ -203,11 +203,12 @@ def test_layer_decay_groups_and_schedules(world):
 
 
 def test_mask_token_and_classifier_are_frozen_and_in_no_group(tmp_path):
-    """DGT has both a mask token and a hidden classifier layer (head_fc) that dense tasks never use."""
+    """DGT has a mask token that dense tasks never use; its hidden classifier layer (head_fc) exists only in a
+    classifier, so the dense encoder (num_classes=0) does not hold it."""
     encoder, _ = build_dense_encoder(load_dense_config("segment").encoder, str(_export(tmp_path, "dgt", 64)), 64)
     head = classifier_keys(encoder)
     unused = {n for n, _ in encoder.named_parameters() if n == "mask_token" or n.startswith(head)}
-    assert "mask_token" in unused and "head_fc.weight" in unused
+    assert unused == {"mask_token"} and not isinstance(encoder.head_fc, torch.nn.Linear)
     names = {id(p): n for n, p in encoder.named_parameters()}
     model = DenseBackbone(encoder, (64, 64))
     grouped = {names.get(id(p)) for g in dense_param_groups(model, encoder, 0.05, 0.9) for p in g["params"]}
@@ -375,3 +376,24 @@ def test_ade20k_label_out_of_range_is_refused_naming_the_file(world, tmp_path):
     (base / "annotations" / "validation" / "ADE_validation_00000000.png").unlink()
     with pytest.raises(FileNotFoundError, match="ADE_validation_00000000.png"):
         list_pairs(base, "validation")
+
+
+def test_plain_vit_reads_blocks_4_6_8_12_for_upernet():
+    """BEiT / MAE's ADE20K protocol: strides 4/8/16/32 from blocks 4/6/8/12 of 12, rescaled 4x/2x/1x/0.5x;
+    without blocks (ViTDet, detection) every stride comes from the final map."""
+    from mimtrain.eval.dense.backbone import BEIT_BLOCKS, plan_levels
+
+    info = [dict(num_chs=8, reduction=16, module=f"blocks.{i}") for i in range(12)]
+    assert plan_levels(info, BEIT_BLOCKS) == [(3, "up", 4), (5, "up", 2), (7, "same", 1), (11, "down", 2)]
+    assert [src for src, _, _ in plan_levels(info)] == [11] * 4
+    assert [src for src, _, _ in plan_levels(info[:6], BEIT_BLOCKS)] == [1, 2, 3, 5]  # scaled to 6 blocks
+    enc = build_encoder("mim_vit_tiny_patch16", 64, num_classes=0, embed_dim=32, depth=12, num_heads=2).eval()
+    backbone = DenseBackbone(enc, (64, 64), BEIT_BLOCKS).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        blocks = enc.forward_intermediates(x, intermediates_only=True)
+        got = backbone(x)
+    assert [tuple(g.shape[-2:]) for g in got] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    torch.testing.assert_close(got[2], backbone.norms[2](blocks[7]))  # stride 16: block 8 as it is
+    hier = [dict(num_chs=8, reduction=r, module=f"s{r}") for r in (4, 8, 16, 32)]
+    assert plan_levels(hier, BEIT_BLOCKS) == [(i, "same", 1) for i in range(4)]  # stage outputs kept

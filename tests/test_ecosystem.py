@@ -74,7 +74,7 @@ def test_classifier_api_forward_backward(case):
     assert out.shape == (2, 7) and model.num_classes == 7
     out.sum().backward()
     pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-    assert pooled.shape == (2, model.num_features)
+    assert pooled.shape == (2, model.head_hidden_size)
     model.reset_classifier(3)
     assert model(x).shape == (2, 3) and model.num_classes == 3
     model.reset_classifier(0)
@@ -96,7 +96,7 @@ def test_features_only_and_forward_intermediates_give_the_dense_maps(case):
     model = _create(case, num_classes=0)
     x = _image(case)
     with torch.no_grad():
-        ref = model.forward_features(x)
+        ref = model.forward_intermediates(x, intermediates_only=True)
         feat_net = _create(case, features_only=True)
         feat_net.model.load_state_dict(model.state_dict())
         maps = feat_net(x)
@@ -111,7 +111,7 @@ def test_features_only_and_forward_intermediates_give_the_dense_maps(case):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     torch.testing.assert_close(last_map, ref[-1], rtol=0, atol=1e-5)
     torch.testing.assert_close(inter[0], ref[-1], rtol=0, atol=1e-5)
-    assert model.forward_head(final, pre_logits=True).shape == (2, model.num_features)
+    assert model.forward_head(final, pre_logits=True).shape == (2, model.head_hidden_size)
 
 
 @pytest.mark.parametrize("case", FAMILIES, ids=IDS)
@@ -125,13 +125,14 @@ def test_pretrained_overlay_file_loads_our_weights(case, tmp_path):
                      pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
     x = _image(case)
     with torch.no_grad():
-        for a, b in zip(loaded.forward_features(x), src.forward_features(x)):
+        for a, b in zip(*(m.forward_intermediates(x, intermediates_only=True) for m in (loaded, src))):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # A checkpoint without a classifier into a model with one: the body loads, the head is new.
     with_head = _create(case, num_classes=4, pretrained=True,
                         pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
     with torch.no_grad():
-        torch.testing.assert_close(with_head.forward_features(x)[-1], src.forward_features(x)[-1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(with_head.forward_intermediates(x, intermediates_only=True)[-2],
+                                   src.forward_intermediates(x, intermediates_only=True)[-2], rtol=0, atol=1e-5)
     assert with_head(x).shape == (2, 4)
 
 
@@ -201,17 +202,17 @@ def test_export_loads_in_timm_with_the_runs_preprocessing(mae_run):
                               pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x)[0], ref.forward_features(x)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.forward_features(x), ref.forward_features(x), rtol=0, atol=1e-5)
 
     backbone = timm.create_model(cfg["architecture"], pretrained=True, features_only=True, **cfg["model_args"],
                                  pretrained_cfg_overlay=dict(file=str(export / "model.safetensors")))
     with torch.no_grad():
-        torch.testing.assert_close(backbone(x)[0], ref.forward_features(x)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(backbone(x)[-1], ref.forward_features(x), rtol=0, atol=1e-5)  # one map a block
 
     if "local-dir" in getattr(timm.models._factory, "_MODEL_SOURCES", ()):  # timm's own reader of config.json
         local = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
         with torch.no_grad():
-            torch.testing.assert_close(local.forward_features(x)[0], ref.forward_features(x)[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(local.forward_features(x), ref.forward_features(x), rtol=0, atol=1e-5)
 
     from mimtrain.checkpoint import hub
 
@@ -220,7 +221,9 @@ def test_export_loads_in_timm_with_the_runs_preprocessing(mae_run):
     saved = hub.save_pretrained(loaded, export.parent / "saved")
     again = hub.from_pretrained(saved, num_classes=3)  # a new head on the same body
     with torch.no_grad():
-        torch.testing.assert_close(again.forward_features(x)[0], ref.forward_features(x)[0], rtol=0, atol=1e-5)
+        # A classifier has no final norm (MAE's head pools before it): compare the blocks' outputs.
+        torch.testing.assert_close(again.forward_intermediates(x, intermediates_only=True)[0],
+                                   ref.forward_intermediates(x, intermediates_only=True)[0], rtol=0, atol=1e-5)
     assert again(x).shape == (2, 3)
 
 
@@ -240,7 +243,7 @@ def test_timm_vit_export_loads_strictly_into_plain_timm(mae_run):
     ref = _ours(export)
     with torch.no_grad():
         tokens = vit.forward_features(x)[:, vit.num_prefix_tokens:]  # [B, N, C]
-        ours = ref.forward_features(x)[0].flatten(2).transpose(1, 2)
+        ours = ref.forward_features(x).flatten(2).transpose(1, 2)
         torch.testing.assert_close(tokens, ours, rtol=0, atol=1e-5)
         torch.testing.assert_close(vit.forward_head(vit.forward_features(x), pre_logits=True),
                                    ref.forward_head(ref.forward_features(x), pre_logits=True), rtol=0, atol=1e-5)
@@ -270,7 +273,7 @@ def test_hf_export_matches_vitmae_and_vitmodel(mae_run):
     noise = mask.flatten(1).float() + torch.arange(16) / 32
     with torch.no_grad():
         torch.testing.assert_close(vit(pixel_values=x).last_hidden_state[:, 1:],
-                                   mae.encoder.forward_features(x)[0].flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
+                                   mae.encoder.forward_features(x).flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
         hf_out = hf_mae(pixel_values=x, noise=noise)
         ours = mae(x, mask)
     torch.testing.assert_close(hf_out.mask.bool(), mask.flatten(1))

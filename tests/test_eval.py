@@ -61,10 +61,10 @@ def test_export_round_trip_gives_identical_features(pretrained):
                          if k.startswith("encoder.")})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = ref.eval().forward_features(x)[-1]
+        want = ref.eval().forward_features(x)
         for src in (run, ckpt, export):  # run dir (latest), checkpoint dir, export dir
             model, _ = load_encoder(src, num_classes=0)
-            assert torch.equal(model.eval().forward_features(x)[-1], want), src
+            assert torch.equal(model.eval().forward_features(x), want), src
     assert set(load_file(str(export / "encoder.safetensors"))) == set(ref.state_dict())
 
 
@@ -115,10 +115,15 @@ def test_official_mae_style_vit_state_dict_is_accepted(tmp_path):
     sd["mask_token"] = torch.zeros(1, 1, 16)  # ... and its mask token
     f = tmp_path / "mae_pretrain_vit.pth"
     torch.save({"model": sd, "epoch": 799}, f)
-    model, _ = load_encoder(f, name="mim_vit_tiny_patch16", kwargs=VIT, img_size=32, num_classes=5)
+    model, _ = load_encoder(f, name="mim_vit_tiny_patch16", kwargs=VIT, img_size=32, num_classes=0)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.eval().forward_cls(x), ref.forward_features(x)[:, 0], atol=1e-6)
+    # Into a classifier: the final norm, which MAE's head bypasses, is dropped on load; the blocks are the same.
+    classifier, _ = load_encoder(f, name="mim_vit_tiny_patch16", kwargs=VIT, img_size=32, num_classes=5)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier.eval().forward_intermediates(x, indices=[0], intermediates_only=True)[0],
+                                   model.forward_intermediates(x, indices=[0], intermediates_only=True)[0])
     model64, _ = load_encoder(f, name="mim_vit_tiny_patch16", kwargs=VIT, img_size=64, num_classes=0)
     assert model64.vit.pos_embed.shape[1] == 1 + 64  # 4x4 grid resized to 8x8, class token kept
 

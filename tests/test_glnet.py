@@ -79,7 +79,7 @@ def test_table7_evolution_path_params(kwargs, params):
 @pytest.mark.parametrize("name,hw", [("glnet_stl", (64, 96)), ("glnet_4g", (96, 64))])
 def test_slot_maps(name, hw):
     torch.manual_seed(0)
-    model = timm.create_model(name, **_TINY).eval()
+    model = timm.create_model(name, **{**_TINY, "num_classes": 0}).eval()  # pretraining: it has the mask token
     x = torch.randn(2, 3, *hw)
     maps = model.slot_maps(x)
     assert maps.shape == (2, 16, hw[0] // 16, hw[1] // 16)
@@ -99,11 +99,12 @@ def test_slot_maps_full_size_has_64_slots():
 def test_non_square_forward(name):
     model = timm.create_model(name, **_TINY).eval()
     x = torch.randn(2, 3, 96, 160)
-    feats = model.forward_features(x)
+    feats = model.forward_intermediates(x, intermediates_only=True)
     assert [f.shape[-2:] for f in feats] == [(24, 40), (12, 20), (6, 10), (3, 5)]
     assert model(x).shape == (2, 5)
     mask = torch.rand(2, 3, 5) > 0.5
-    assert model.encode(x, mask).shape == (2, 128, 3, 5)
+    pretraining = timm.create_model(name, **{**_TINY, "num_classes": 0}).eval()
+    assert pretraining.encode(x, mask).shape == (2, 128, 3, 5)
 
 
 def test_refuses_bad_settings():
@@ -116,7 +117,7 @@ def test_refuses_bad_settings():
 
 
 def test_no_weight_decay_names_exist():
-    model = timm.create_model("glnet_4g", **_TINY)
+    model = timm.create_model("glnet_4g", **{**_TINY, "num_classes": 0})
     names = dict(model.named_parameters())
     nwd = model.no_weight_decay()
     assert "mask_token" in nwd and any(n.endswith("logit_scale") for n in nwd)

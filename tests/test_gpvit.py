@@ -142,7 +142,7 @@ def test_pyramid_shapes_and_info():
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         feats = model.forward_pyramid(x)
-        ref = model.forward_features(x)[0]
+        ref = model.forward_features(x)
     assert [f.shape for f in feats] == [(2, 24, 64 // r, 96 // r) for r in (4, 8, 16, 32)]
     assert [i["reduction"] for i in model.pyramid_info] == [4, 8, 16, 32]
     torch.testing.assert_close(feats[1], ref)  # the stride-8 level is the encoder's own map
@@ -166,7 +166,7 @@ def test_refuses_drop_mode_and_bad_mask_unit():
 
 
 def test_no_weight_decay_names_exist():
-    model = GPViT(**TINY)
+    model = GPViT(**TINY, num_classes=0)  # the pretraining encoder, with its mask token
     names = dict(model.named_parameters())
     assert model.no_weight_decay() <= set(names)
     assert {"pos_embed", "mask_token", "blocks.0.group_tokens", "blocks.2.group_tokens"} <= model.no_weight_decay()

@@ -56,7 +56,7 @@ def test_drop_mode_no_leakage_and_all_visible_equals_unmasked():
         assert out.shape == (3, 4, 64)
         torch.testing.assert_close(model.encode(noisy, mask), out, rtol=0, atol=0)
         everything = model.encode(x, torch.zeros_like(mask))
-        ref = model.forward_features(x)[-1].flatten(2).transpose(1, 2)
+        ref = model.forward_features(x).flatten(2).transpose(1, 2)
     torch.testing.assert_close(everything, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -68,7 +68,7 @@ def test_hierarchical_embedding_is_local_to_each_cell():
     y = x.clone()
     y[..., 16:32, 32:48] = torch.randn(1, 3, 16, 16)  # cell (1, 2) of the 2x4 grid
     with torch.no_grad():
-        fx, fy = model.forward_features(x), model.forward_features(y)
+        fx, fy = (model.forward_intermediates(v, intermediates_only=True) for v in (x, y))
     for a, b, stride in zip(fx[:2], fy[:2], (4, 8)):
         changed = (a - b).abs().amax(1)[0] > 0  # [h, w]
         expected = torch.zeros_like(changed)
@@ -84,7 +84,7 @@ def test_drop_gathers_visible_cells_in_raster_order():
     mask = _random_mask(2, (2, 4), 0.5, seed=3)
     with torch.no_grad():
         out = model.encode(x, mask)
-        ref = model.forward_features(x)[-1].flatten(2).transpose(1, 2)  # [B, 8, C]
+        ref = model.forward_features(x).flatten(2).transpose(1, 2)  # [B, 8, C]
     for b in range(2):
         torch.testing.assert_close(out[b], ref[b][~mask[b].flatten()], rtol=1e-5, atol=1e-5)
 
@@ -112,7 +112,7 @@ def test_refuses_bad_mask_units_and_sizes():
 
 
 def test_no_weight_decay_names_are_parameters():
-    model = timm.create_model("hivit_tiny", img_size=64, mask_mode="fill", **TINY)
+    model = timm.create_model("hivit_tiny", img_size=64, mask_mode="fill", **{**TINY, "num_classes": 0})  # pretraining
     names = dict(model.named_parameters())
     skip = model.no_weight_decay()
     assert skip <= set(names) and {"pos_embed", "mask_token", "blocks.0.relative_position_bias_table"} <= skip

@@ -114,18 +114,21 @@ def _plain_gcvit(img_size: int) -> GlobalContextVit:
     ("simmim_gcvit_xxtiny", GCVIT_TINY, _plain_gcvit, "gcvit"),
 ])
 def test_fill_with_nothing_hidden_equals_plain_timm(name, kwargs, plain, attr):
-    """Same weights, nothing hidden: encode, forward_features[-1] and the logits are exactly plain timm's."""
+    """Same weights, nothing hidden: encode, forward_features and the logits are exactly plain timm's (the
+    pretraining encoder for encode, the classifier, which has no mask token, for the logits)."""
     torch.manual_seed(0)
     ours = build_encoder(name, 64, num_classes=5, **kwargs).eval()
+    pretraining = build_encoder(name, 64, num_classes=0, **kwargs).eval()
     ref = plain(64).eval()
     ref.load_state_dict(getattr(ours, attr).state_dict())
+    getattr(pretraining, attr).load_state_dict(getattr(ours, attr).state_dict(), strict=False)  # all but the head
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = ref.forward_features(x)
         want = want.permute(0, 3, 1, 2) if attr == "swin" else want  # timm's Swin runs NHWC
-        got = ours.encode(x, torch.zeros(2, 2, 2, dtype=torch.bool))
+        got = pretraining.encode(x, torch.zeros(2, 2, 2, dtype=torch.bool))
         assert torch.equal(got, want)
-        assert torch.equal(ours.forward_features(x)[-1], want)
+        assert torch.equal(ours.forward_features(x), want)
         assert torch.equal(ours(x), ref(x))
 
 

@@ -103,7 +103,8 @@ def test_eval_takes_size_and_normalisation_from_the_source(world, capsys):
     assert "k-NN bank" in captured.err  # the feature passes show progress (tqdm, stderr)
     # given on the command line: the user's value wins
     cfg = load_eval_config("knn", None, [f"data.train_shards={world['train']}", f"data.val_shards={world['val']}",
-                                         f"output_dir={out}", "data.num_workers=0", "data.img_size=64"])
+                                         f"output_dir={out}", "data.num_workers=0", "data.img_size=64",
+                                         "overwrite=true"])  # every command refuses a used output_dir otherwise
     knn(cfg, str(world["export"]))
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["img_size"] == 64
 
@@ -265,7 +266,7 @@ def test_recipe_file_errors_name_the_file(tmp_path, capsys):
     ("train.log_every=0", "train.log_every must be > 0"),
     ("train.ckpt_every=0", "train.ckpt_every must be > 0"),
     ("train.max_steps=-5", "train.max_steps must be >= 0, got -5"),
-    ("data.crop_scale=[1.5, 0.1]", "data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1"),
+    ("data.crop_scale=[1.5, 0.1]", "data.crop_scale must be [lo, hi] with lo <= hi, each in (0, 1]"),
     ("mask.ratio=1.0", "mask.ratio must be in (0, 1)"),
 ])
 def test_out_of_range_values_are_refused_before_any_work(override, message, capsys):

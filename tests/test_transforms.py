@@ -1,19 +1,27 @@
 """The decoding pretraining transform: the same boxes and flips as torchvision's pipeline for the same seed, JPEG
-draft decoding close to a full decode, fallbacks, and broken data skipped by the stream."""
+draft decoding close to a full decode, fallbacks, and broken data skipped by the stream. The fine-tuning augmentation:
+the shipped recipes' RandAugment within the pinned Pillow's ranges, seeded per sample."""
+import collections
+import copy
+import dataclasses
 import io
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_image
+from timm.data import auto_augment
 from torchvision import transforms as T
 
-from helpers import make_test_shards
+from helpers import REPO, make_test_shards
+from mimtrain.config.classify import load_eval_config
 from mimtrain.data.stream import ShardStream, expand_shards, make_loader
-from mimtrain.data.transforms import (PretrainTransform, UndecodableImage, jpeg_reduction, open_image,
-                                      reference_pretrain_transform, seeded)
+from mimtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, PosterizeBits, PretrainTransform, UndecodableImage,
+                                      finetune_transform, jpeg_reduction, open_image, reference_pretrain_transform,
+                                      seeded)
+from mimtrain.masking import sample_seed
 
 S = 96
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
@@ -124,3 +132,143 @@ def test_stream_skips_and_counts_a_truncated_jpeg(tmp_path):
     assert len(keys) == 8 and not any("truncated" in k for k in keys)
     assert int(batches[-1]["skipped"]) == 1
     assert all(np.isfinite(b["images"].numpy()).all() for b in batches)
+
+
+# ---------------------------------------------------------------------- fine-tuning augmentation (issue 27, item 7)
+
+FT = 16  # px: the draws, not the pixels, are under test
+CRASHED = "shard-000000.tar/000764"  # sample key whose recipe draw asked Pillow for posterize(bits=0) (seed 0, epoch 0)
+
+
+def _recipe_settings() -> dict[tuple, str]:
+    """The distinct augmentation settings of the shipped fine-tune recipes, loaded as `mimtrain finetune` loads them:
+    {(auto_augment, re_prob, crop_scale, hflip, seed): a recipe that has them}."""
+    found = {}
+    for path in sorted(REPO.glob("recipes/finetune/*.yaml")):
+        c = load_eval_config("finetune", str(path), [])
+        found.setdefault((c.finetune.auto_augment, c.finetune.re_prob, tuple(c.data.crop_scale), c.data.hflip,
+                          c.seed), str(path))
+    return found
+
+
+def _recipe_transform(recipe: str, **finetune):
+    """The recipe's training transform (the function `mimtrain finetune` builds it with) at FT px."""
+    cfg = load_eval_config("finetune", recipe, [f"finetune.{k}={v}" for k, v in finetune.items()])
+    data = dataclasses.replace(cfg.data, img_size=FT, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return finetune_transform(data, cfg.finetune), cfg
+
+
+def _policy_ops(t) -> list:
+    """Every AugmentOp of the timm auto-augmentation inside a finetune_transform."""
+    ops = []
+    for step in t.transform.transforms:
+        if isinstance(step, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            ops += step.ops
+        elif isinstance(step, auto_augment.AutoAugment):
+            ops += [op for sub in step.policy for op in sub]
+    return ops
+
+
+def _unpatched(t):
+    """The same transform with timm's own posterize level functions back (the pipeline before the fix)."""
+    for op in _policy_ops(t):
+        if isinstance(op.level_fn, PosterizeBits):
+            op.level_fn = op.level_fn.level_fn
+    return t
+
+
+@pytest.fixture(scope="module")
+def small_photo() -> Image.Image:
+    return Image.fromarray(load_sample_image("china.jpg")).resize((24, 16), Image.BICUBIC)
+
+
+def test_posterize_levels_keep_pillow_range_and_every_valid_count():
+    img = Image.fromarray(load_sample_image("china.jpg")).resize((16, 16))
+    with pytest.raises(ValueError, match="bits must be between"):  # the pinned Pillow refuses what timm asks for
+        ImageOps.posterize(img, 0)
+    names = [n for n, fn in auto_augment.NAME_TO_OP.items() if fn is auto_augment.posterize]
+    assert set(names) == {"Posterize", "PosterizeIncreasing", "PosterizeOriginal"}
+    raw_counts = set()
+    for name in names:
+        level = auto_augment.LEVEL_TO_ARG[name]
+        for m in np.linspace(0, 20, 81):  # past 10 too: `mmax` lifts the magnitude cap
+            (raw,) = level(float(m), {})
+            (bits,) = PosterizeBits(level)(float(m), {})
+            raw_counts.add(raw)
+            assert bits == (raw if 1 <= raw <= 8 else min(8, max(1, raw))), (name, m)
+    assert {0, -4} <= raw_counts  # timm's 0 bits (and below, past mmax) exist: the fix is not vacuous
+    # 'PosterizeIncreasing' at magnitude 10 (timm: 4 - int(m / 10 * 4) = 0 bits) is now Pillow's 1-bit posterize.
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    op.level_fn = PosterizeBits(op.level_fn)
+    assert np.array_equal(np.asarray(op(img)), np.asarray(ImageOps.posterize(img, 1)))
+    assert np.array_equal(np.asarray(op(img)), np.asarray(img) & 0x80)  # 1 bit: only the top bit of each channel
+
+
+def test_the_draw_that_crashed_now_posterizes_with_one_bit(small_photo, monkeypatch):
+    (recipe,) = _recipe_settings().values()
+    t, cfg = _recipe_transform(recipe)
+    seed = sample_seed("aug", cfg.seed, 0, CRASHED)  # what ShardStream seeds this sample with in epoch 0
+    bits = []
+    real = ImageOps.posterize
+    monkeypatch.setattr(ImageOps, "posterize", lambda im, b: bits.append(b) or real(im, b))
+    out = seeded(t, small_photo, seed)
+    assert out.shape == (3, FT, FT) and torch.isfinite(out).all()
+    assert bits == [1]
+    assert torch.equal(seeded(t, small_photo, seed), out)  # per sample: the same draw again
+    bits.clear()
+    with pytest.raises(ValueError, match="bits must be between or equal to 1 and 8"):  # before: this sample crashed
+        seeded(_unpatched(t), small_photo, seed)
+    assert bits == [0]
+
+
+def test_recipe_augmentation_draws_20000_images(small_photo):
+    settings = _recipe_settings()
+    assert len(settings) == 1, settings  # every shipped recipe has MAE's augmentation (else: draw each one)
+    (recipe,) = settings.values()
+    t, cfg = _recipe_transform(recipe)
+    assert cfg.finetune.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.finetune.re_prob > 0
+    (post,) = [op for op in _policy_ops(t) if op.aug_fn is auto_augment.posterize]
+    asked = collections.Counter()  # timm's bit counts as drawn, before the clamp
+    level = post.level_fn.level_fn
+    post.level_fn.level_fn = lambda m, hp: (asked.update(level(m, hp)), level(m, hp))[1]
+    images = [small_photo, small_photo.transpose(Image.Transpose.ROTATE_90), small_photo.convert("L").convert("RGB")]
+    n = 20_000
+    for i in range(n):
+        key = f"shard-{i % 7:06d}.tar/{i:06d}"
+        out = seeded(t, images[i % 3], sample_seed("aug", cfg.seed, i // 5000, key))
+        assert out.shape == (3, FT, FT)
+    assert asked[0] >= 5, asked  # about 1 in 500 draws asked for 0 bits: each of those crashed before the fix
+    assert sum(asked.values()) > n / 30  # posterize ran (about 2 ops of 15 per image, each with p 0.5)
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "augmix-m5-w3", "original", "v0"])
+def test_every_op_of_the_policy_takes_every_magnitude(spec, small_photo, monkeypatch):
+    t, _ = _recipe_transform("recipes/finetune/mae_vit_base.yaml", auto_augment=spec)
+    ops = _policy_ops(t)
+    assert ops and any(isinstance(op.level_fn, PosterizeBits) for op in ops) == any(
+        op.aug_fn is auto_augment.posterize for op in ops)
+    img = small_photo.crop((0, 0, FT, FT))
+    for op in ops:
+        op = copy.copy(op)
+        op.prob, op.magnitude_std = 1.0, 0
+        for m in np.linspace(0, 10, 21):
+            op.magnitude = float(m)
+            for sign in (0.0, 1.0):  # timm negates a magnitude when random.random() > 0.5
+                monkeypatch.setattr(auto_augment.random, "random", lambda: sign)
+                out = op(img)
+                assert out.size == img.size and out.mode == "RGB", (spec, op.name, m)
+    monkeypatch.undo()
+
+
+def test_python_and_numpy_draws_are_seeded_per_sample(small_photo):
+    (recipe,) = _recipe_settings().values()
+    t, _ = _recipe_transform(recipe)
+    seed = sample_seed("aug", 0, 3, "shard-000001.tar/000042")
+    np.random.seed(1)
+    a = seeded(t, small_photo, seed)
+    np.random.seed(2)  # RandAugment picks its ops from NumPy's global RNG: another state before, the same draw
+    state = np.random.get_state()
+    b = seeded(t, small_photo, seed)
+    assert torch.equal(a, b)
+    after = np.random.get_state()
+    assert after[2] == state[2] and np.array_equal(after[1], state[1])  # the caller's NumPy state is left as it was

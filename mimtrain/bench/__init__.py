@@ -7,6 +7,8 @@
 - decode: JPEG decode / crop / transform images per second (`--decode SHARDS`)
 - report: markdown tables, JSON, the command/device/date lines
 - flops: parameter and multiply-add counts; model_table: their table (`--table`, `python -m mimtrain.bench.model_table`)
+- gpu_check: the plan behind `launch/gpu_check.sh` (parts a-f of one GPU slot, each under its own cap) and the rows it
+  writes into docs/benchmarks.md
 - attention_layers, photo_shards: `python -m mimtrain.bench.attention_layers` (one attention layer of each kind),
   `python -m mimtrain.bench.photo_shards OUT` (photo-like JPEG shards for `--decode`)
 """

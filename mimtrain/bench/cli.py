@@ -2,7 +2,7 @@
 
     mimtrain bench [--recipe recipes/pretrain/mae_vit_base.yaml [--recipe R2 ...]] [--batch 8] [--steps 10]
         [--warmup 3] [--repeat 1] [--img-size 224] [--compare hf] [--precision fp32|bf16] [--data SHARDS]
-        [--json OUT] [--dry-run] [overrides]
+        [--grad-checkpointing off|on|both] [--json OUT] [--dry-run] [overrides]
     mimtrain bench --decode SHARDS [--recipe R] [--img-size 224] [--decode-images 300] [--repeat 3]
     mimtrain bench --table ENCODER [ENCODER ...] [--img-size 224] [--json OUT]
 
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from mimtrain.bench.report import RESULT_TAG, command, device_line, format_report, now, write_json
+from mimtrain.config.errors import ConfigError, MissingPathError
 
 COMPILED_WARMUP = 10  # untimed steps at least, for a recipe with train.compile=true
 REPO = Path(__file__).resolve().parents[2]  # recipes/ ships beside the package in a checkout, not in a wheel
@@ -76,6 +77,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "one --img-size image) of these registered encoders instead of timing steps")
     s.add_argument("--dry-run", action="store_true", help="list the models that would be timed (recipe, overrides, "
                    "batch, precision, steps) and stop")
+    s.add_argument("--grad-checkpointing", choices=("off", "on", "both"), default="off",
+                   help="train.grad_checkpointing for every recipe; both: each recipe twice, off then on (memory)")
     s.add_argument("--json", help="also write the rows (and the command, device, date) to this JSON file")
     s.add_argument("overrides", nargs="*", help="dotted overrides for every recipe, e.g. data.num_workers=2")
     s.set_defaults(func=run_bench)
@@ -89,8 +92,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.decode:
         return _run_decode(args)
     if args.steps < 1 or args.warmup < 0 or args.repeat < 1:
-        raise ValueError(f"--steps and --repeat must be >= 1 and --warmup >= 0 (got {args.steps}, {args.repeat}, "
-                         f"{args.warmup})")
+        raise ConfigError(f"--steps and --repeat must be >= 1 and --warmup >= 0 (got {args.steps}, {args.repeat}, "
+                          f"{args.warmup})")
     specs = plan(args)
     if args.dry_run:
         for _, spec in specs:
@@ -119,8 +122,8 @@ def _in_repo(item: str) -> str:
     path, _, rest = item.partition(" ")
     full = REPO / path
     if not full.is_file():
-        raise FileNotFoundError(f"no --recipe given and the default set's {path} is not at {full} (recipes/ ships with "
-                                f"the repository, not the package): give --recipe")
+        raise MissingPathError(f"no --recipe given and the default set's {path} is not at {full} (recipes/ ships with "
+                               f"the repository, not the package): give --recipe")
     return f"{shlex.quote(str(full))} {rest}"
 
 
@@ -130,8 +133,10 @@ def plan(args: argparse.Namespace) -> list[tuple[object, dict]]:
     cuda = torch.cuda.is_available()
     items = args.recipe or [_in_repo(item) for item in _default_set(args)]
     specs = []
-    for item in items:
+    ckpt = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[getattr(args, "grad_checkpointing", "off")]
+    for item, flag in [(item, flag) for item in items for flag in ckpt]:
         recipe, overrides = _split_recipe(item, args)
+        overrides = overrides + ([f"train.grad_checkpointing={flag}"] if flag == "true" else [])
         cfg = _load(recipe, overrides)
         if args.compare == "hf":
             from mimtrain.bench.hf import check_hf_comparable
@@ -175,7 +180,7 @@ def _step_precision(cfg, args: argparse.Namespace, cuda: bool) -> str:
     """--precision if given, else the recipe's train.precision ('auto': bf16 on CUDA, fp32 on CPU)."""
     precision = args.precision or {"auto": "bf16" if cuda else "fp32"}.get(cfg.train.precision, cfg.train.precision)
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"mimtrain bench times bf16 or fp32 steps, not train.precision={precision}")
+        raise ConfigError(f"mimtrain bench times bf16 or fp32 steps, not train.precision={precision}")
     return precision
 
 
@@ -203,14 +208,14 @@ def _split_recipe(item: str, args: argparse.Namespace) -> tuple[str, list[str]]:
     try:
         parts = shlex.split(item)
     except ValueError as e:  # an unbalanced quote
-        raise ValueError(f"--recipe {item!r}: {e}") from None
+        raise ConfigError(f"--recipe {item!r}: {e}") from None
     if not parts:
-        raise ValueError("--recipe '': give a recipe path")
+        raise ConfigError("--recipe '': give a recipe path")
     loose = [p for p in parts[1:] if "=" not in p]
     if loose:  # `k={a: 1}` unquoted inside the argument splits at its space
-        raise ValueError(f"--recipe {item!r}: {loose[0]!r} is not a key=value override; a value with spaces needs "
-                         f"its own quotes inside the argument, e.g. --recipe '{parts[0]} \"encoder.kwargs={{embed_dim: "
-                         f"24}}\"'")
+        raise ConfigError(f"--recipe {item!r}: {loose[0]!r} is not a key=value override; a value with spaces needs "
+                          f"its own quotes inside the argument, e.g. --recipe '{parts[0]} "
+                          f"\"encoder.kwargs={{embed_dim: 24}}\"'")
     extra = [f"data.img_size={args.img_size}"] if args.img_size else []
     return parts[0], list(args.overrides) + parts[1:] + extra
 
@@ -256,7 +261,7 @@ def _run_decode(args: argparse.Namespace) -> dict:
 def _run_table(args: argparse.Namespace) -> dict:
     """--table: params / MACs of registered encoders by name (`mimtrain.bench.model_table`)."""
     if args.recipe or args.decode or args.overrides:
-        raise ValueError("--table counts registered encoders by name: it takes no --recipe, --decode or overrides")
+        raise ConfigError("--table counts registered encoders by name: it takes no --recipe, --decode or overrides")
     from mimtrain.bench.model_table import format_table, table_rows
 
     size = args.img_size or 224

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from mimtrain.config.errors import DataError
+
 DECODE_MIN_SECONDS = 1.0  # each case of each round reads every image at least once and runs at least this long
 DECODE_CASES = ("decode", "decode+RandomResizedCrop, old", "decode+RandomResizedCrop, ours", "full transform, old",
                 "full transform, ours")
@@ -30,7 +32,7 @@ def run_decode(shards: str, data_cfg, n_images: int, repeat: int) -> dict:
     d = data_cfg
     blobs = read_images(expand_shards(shards), tuple(IMAGE_EXTS), n_images)
     if not blobs:
-        raise ValueError(f"no images found in {shards}")
+        raise DataError(f"no images found in {shards}")
     torch.set_num_threads(1)
     old_rrc = T.RandomResizedCrop(d.img_size, scale=tuple(d.crop_scale), interpolation=T.InterpolationMode.BICUBIC)
     old_full = reference_pretrain_transform(d.img_size, d.crop_scale, d.hflip, d.mean, d.std)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mimtrain.config.errors import ConfigError
+
 HF_NAME = "HF ViTMAEForPreTraining"
 
 
@@ -14,8 +16,8 @@ def is_hf_comparable(cfg) -> bool:
 
 def check_hf_comparable(cfg, item: str) -> None:
     if not is_hf_comparable(cfg):
-        raise ValueError(f"--compare hf needs an MAE recipe with a mim_vit_* encoder (HF ViTMAEForPreTraining is a "
-                         f"plain ViT MAE); '{item}' is {cfg.method.name} with {cfg.encoder.name}")
+        raise ConfigError(f"--compare hf needs an MAE recipe with a mim_vit_* encoder (HF ViTMAEForPreTraining is a "
+                          f"plain ViT MAE); '{item}' is {cfg.method.name} with {cfg.encoder.name}")
 
 
 def hf_config(cfg):
@@ -28,8 +30,8 @@ def hf_config(cfg):
         enc = build_encoder(cfg.encoder.name, cfg.data.img_size, mask_unit=cfg.encoder.mask_unit,
                             mask_mode="drop", num_classes=0, **cfg.encoder.kwargs)
     if enc.mask_unit != enc.patch_size:
-        raise ValueError(f"HF ViTMAE masks single patches: encoder.mask_unit ({enc.mask_unit}) must equal the patch "
-                         f"size ({enc.patch_size}) for --compare hf")
+        raise ConfigError(f"HF ViTMAE masks single patches: encoder.mask_unit ({enc.mask_unit}) must equal the patch "
+                          f"size ({enc.patch_size}) for --compare hf")
     blk = enc.vit.blocks[0]
     m = cfg.method
     return ViTMAEConfig(

@@ -30,6 +30,7 @@ def command(args: argparse.Namespace) -> str:
                                  ("--compare", args.compare, None), ("--precision", args.precision, None),
                                  ("--data", args.data, None), ("--decode", args.decode, None),
                                  ("--decode-images", getattr(args, "decode_images", 300), 300),
+                                 ("--grad-checkpointing", getattr(args, "grad_checkpointing", "off"), "off"),
                                  ("--json", args.json, None)):
         if value != default:
             out += [flag, str(value)]

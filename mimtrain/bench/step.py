@@ -2,8 +2,9 @@
 
     python -m mimtrain.bench.step --worker SPEC    (SPEC: JSON from `mimtrain.bench.cli`; prints one result line)
 
-A timed step is what the trainer runs: forward, backward, AdamW step (`build_optimizer`, fused where supported),
-zero_grad, on the model `build_pretraining(cfg)` builds with the trainer's fast path (`apply_fast_path`). Peak
+A timed step is the training loop's own step function (`engine.fit.train_step`: the encoder's lr hook, forward under
+accelerate's autocast, backward, AdamW step (`build_optimizer`, fused where supported), zero_grad) on an Accelerator
+prepared as a run's, on the model `build_pretraining(cfg)` builds with the trainer's fast path (`apply_fast_path`). Peak
 memory is CUDA's max_memory_allocated, or on CPU the peak RSS above the worker's baseline taken before the model is
 built. GFLOP/img counts one forward+backward with `torch.utils.flop_counter` (2 FLOPs per multiply-add).
 """
@@ -19,6 +20,7 @@ import torch
 
 from mimtrain.bench.flops import count_macs
 from mimtrain.bench.report import RESULT_TAG
+from mimtrain.engine.fit import Task
 
 
 def measure(spec: dict) -> dict:
@@ -48,7 +50,8 @@ def measure(spec: dict) -> dict:
     else:
         model, optimizer, step_inputs, masking = build_ours(cfg, spec["batch"], dev)
         name = model_label(cfg, spec["precision"], dev)
-    step, fwd_bwd = _step_fns(model, optimizer, step_inputs[0], dev, spec["precision"] == "bf16")
+    step, fwd_bwd = _step_fns(model, optimizer, step_inputs[0], dev, spec["precision"] == "bf16",
+                              None if spec["kind"] == "hf" else model.encoder)
 
     with torch.compiler.set_stance("force_eager"):  # count the model's FLOPs, not the compiler's
         flops = 2 * count_macs(fwd_bwd)  # FLOPs: 2 per multiply-add
@@ -72,15 +75,39 @@ def measure(spec: dict) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def _step_fns(model, optimizer, first_inputs: tuple, dev: torch.device, bf16: bool):
-    """(step(inputs): the timed training step, fwd_bwd(): one forward+backward on `first_inputs`, for counting)."""
+class _Task(Task):
+    """The bench's model as a task of the loop: a fixed lr (no schedule to time) and the encoder's own hook."""
+
+    def __init__(self, model, optimizer, encoder):
+        self.model, self.optimizer, self.encoder, self.schedule = model, optimizer, encoder, self
+
+    def step_update(self, step: int) -> None:  # the schedule: the lr stays as built
+        pass
+
+    def loss(self, inputs: tuple) -> dict:
+        return {"loss": self.model(*inputs)["loss"]}
+
+
+class _NoHook:
+    def on_step(self, step: int, lr: float) -> None:  # a transformers model has no mimtrain encoder hook
+        pass
+
+
+def _step_fns(model, optimizer, first_inputs: tuple, dev: torch.device, bf16: bool, encoder=None):
+    """(step(inputs): the loop's training step, `engine.fit.train_step`, on an Accelerator prepared as a run's;
+    fwd_bwd(): one forward+backward on `first_inputs`, for counting FLOPs)."""
+    from accelerate import Accelerator
+
+    from mimtrain.engine.fit import train_step
+
+    acc = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    model, optimizer = acc.prepare(model, optimizer)
+    task = _Task(model, optimizer, encoder if encoder is not None else _NoHook())
+    n = [0]
 
     def step(inputs) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(*inputs)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(task, acc, inputs, n[0], first=True)
+        n[0] += 1
 
     def fwd_bwd() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -100,6 +127,7 @@ def model_label(cfg, precision: str = "", dev: torch.device | None = None) -> st
     flags += ["channels_last"] if t.channels_last else []
     flags += ["no sdpa"] if not t.sdpa else []
     flags += ["unfused AdamW"] if not cfg.optim.fused else []
+    flags += ["grad ckpt"] if t.grad_checkpointing else []
     if dev is not None and precision and precision != ("bf16" if dev.type == "cuda" else "fp32"):
         flags.append(precision)
     return f"{label} [{', '.join(flags)}]" if flags else label

@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from mimtrain.encoders import build_encoder
 from mimtrain.encoders.base import classifier_keys
 from mimtrain.encoders.timm_glue import DERIVED_BUFFERS, fit_state_dict
-from mimtrain.checkpoint.state import Checkpoints, pickle_imports, refuse_code, tensors_only, verify
+from mimtrain.checkpoint.state import (Checkpoints, _check_safetensors, pickle_imports, refuse_code, tensors_only,
+                                       verify)
+from mimtrain.config.errors import BadFileError, MissingPathError, UserError
 from mimtrain.methods import mask_mode_for
 
 ENCODER_FILE = "encoder.safetensors"
@@ -46,8 +48,13 @@ FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"  # ... under FSDP with a sharded state
 FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # ... under FSDP with a full state dict
 
 
-class LoadError(ValueError):
-    """A checkpoint that cannot be loaded as asked (message lists what does not fit)."""
+class LoadError(UserError, ValueError):
+    """A checkpoint that cannot be loaded as asked (message lists what does not fit); the CLI exits 2."""
+
+
+class BadWeightsFile(LoadError, BadFileError):
+    """A weights file or checkpoint folder that is not what it should be (foreign, truncated, unsafe); exit 3."""
+    exit_code = 3
 
 
 @dataclass
@@ -85,7 +92,7 @@ def resolve(path: str | Path) -> Path:
     """Run dir -> its latest complete checkpoint; checkpoint, export dir or weights file -> itself."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
+        raise MissingPathError(f"checkpoint not found: {p}")
     if p.is_file() or (p / ENCODER_FILE).is_file() or (p / MODEL_FILE).is_file() or (p / TRAIN_STATE).is_file():
         return p
     if (p / "checkpoints").is_dir():  # the checkpoint resume=auto would take (CheckpointError if none is complete)
@@ -99,24 +106,29 @@ def resolve(path: str | Path) -> Path:
         raise LoadError(f"{p} holds sharded DeepSpeed/FSDP states: pass the mimtrain checkpoint that contains them "
                         "(step-N/, with config.yaml), or the run directory")
     found = sorted(x.name for x in p.iterdir())[:8]
-    raise LoadError(f"{p} is neither a run directory, a checkpoint ({MODEL_FILE}) nor an export ({ENCODER_FILE}); "
+    raise BadWeightsFile(f"{p} is neither a run directory, a checkpoint ({MODEL_FILE}) nor an export ({ENCODER_FILE}); "
                     f"it holds {found}")
 
 
 def _read_plain(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        sd = load_file(str(path))
+        sd = _load_safetensors(path)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
+        except Exception as e:  # noqa: BLE001 -- junk, truncated or unsafe: never loaded, named in one line
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+            raise BadWeightsFile(f"{path} is not a weights file mimtrain can read (expected a .safetensors file or a "
+                                 f"torch.save state dict of tensors; {type(e).__name__}: {first})") from None
         for key in ("model", "state_dict", "module"):  # official MAE nests under "model"
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
         if not isinstance(obj, dict):
-            raise LoadError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+            raise BadWeightsFile(f"{path} does not hold a state dict (got {type(obj).__name__})")
         sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if not sd:
-        raise LoadError(f"{path} holds no tensors")
+        raise BadWeightsFile(f"{path} holds no tensors (expected a state dict of the encoder's weights)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DDP-wrapped saves
     if any(k.startswith("encoder.") for k in sd):  # a method's state dict (encoder + decoder) saved as a file
         sd = _encoder_part(sd)
@@ -144,12 +156,32 @@ def read_source(path: str | Path) -> Source:
     if p.is_file():
         return Source(_read_plain(p), None, str(p))
     if (p / ENCODER_FILE).is_file():
-        cfg = yaml.safe_load((p / CONFIG_FILE).read_text())
-        return Source(load_file(str(p / ENCODER_FILE)), EncoderSpec(**cfg["encoder"]), str(p))
+        return Source(_load_safetensors(p / ENCODER_FILE), _export_spec(p), str(p))
     if not (p / CONFIG_FILE).is_file():
-        raise LoadError(f"checkpoint {p} has no {CONFIG_FILE}: cannot tell which encoder it holds")
+        raise BadWeightsFile(f"checkpoint {p} has no {CONFIG_FILE}: cannot tell which encoder it holds")
     cfg = verify(p, training_state=False)  # config and weight files read back; a damaged one is named
     return Source(_encoder_part(method_state(p)), _spec_from_pretraining(cfg), str(p))
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file, its layout checked first so a truncated or foreign file is named in one line."""
+    try:
+        _check_safetensors(path)
+    except BadFileError as e:
+        raise BadWeightsFile(f"{e} (expected encoder weights in safetensors format)") from None
+    return load_file(str(path))
+
+
+def _export_spec(export_dir: Path) -> EncoderSpec:
+    """The EncoderSpec an export's config.yaml records (`encoder:` name, kwargs, img_size, mask_unit, mask_mode)."""
+    path = export_dir / CONFIG_FILE
+    try:
+        cfg = yaml.safe_load(path.read_text())
+        return EncoderSpec(**cfg["encoder"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise BadWeightsFile(f"{path} is not a mimtrain export config (expected an `encoder:` mapping of name, "
+                             f"kwargs, img_size, mask_unit, mask_mode beside {ENCODER_FILE}; {type(e).__name__}: "
+                             f"{str(e)[:120]})") from None
 
 
 def method_state(ckpt: Path) -> dict[str, Tensor]:
@@ -172,7 +204,7 @@ def method_state(ckpt: Path) -> dict[str, Tensor]:
             return load_file(f"{tmp}/{MODEL_FILE}")
     if (ckpt / FSDP_FULL_FILE).is_file():
         return torch.load(ckpt / FSDP_FULL_FILE, map_location="cpu", weights_only=True)
-    raise LoadError(f"{ckpt} holds no model weights ({MODEL_FILE}, {DEEPSPEED_DIR}/ or {FSDP_SHARDED_DIR}/): "
+    raise BadWeightsFile(f"{ckpt} holds no model weights ({MODEL_FILE}, {DEEPSPEED_DIR}/ or {FSDP_SHARDED_DIR}/): "
                     "was the checkpoint interrupted while being copied?")
 
 
@@ -201,10 +233,10 @@ def _refuse_code_in_dcp_index(path: Path) -> None:
     try:
         names = pickle_imports(path.read_bytes())
     except Exception as e:  # noqa: BLE001 -- unreadable: refused either way
-        raise LoadError(f"{path} is not a readable torch.distributed.checkpoint index: {e}") from None
+        raise BadWeightsFile(f"{path} is not a readable torch.distributed.checkpoint index: {e}") from None
     unsafe = sorted(n for n in names if not _dcp_index_type(n))
     if unsafe:
-        raise LoadError(f"{path} references {', '.join(unsafe[:4])}: loading it would run code, so it is refused; "
+        raise BadWeightsFile(f"{path} references {', '.join(unsafe[:4])}: loading it would run code, so it is refused; "
                         "if you trust it, merge it yourself (accelerate merge-weights) and pass the merged file")
 
 

@@ -11,7 +11,8 @@ A checkpoint is trusted only after `verify` has read it back (a disk, a copy or 
 one after it was written), and the pointer is only a hint: `newest_complete` takes the newest step directory that
 verifies, whatever `latest` says, so resuming and `mimtrain export` always pick the same one.
 
-Retention: the last `keep_last` checkpoints, plus every one whose step is a multiple of `keep_every`.
+Retention: the last `keep_last` checkpoints, plus every one whose step is a multiple of `keep_every`, plus the one
+`checkpoints/best` names (fine-tuning's best validation top-1; a one-line pointer like `latest`).
 """
 from __future__ import annotations
 
@@ -29,15 +30,18 @@ from pathlib import Path
 import torch
 import yaml
 
+from mimtrain.config.errors import BadFileError
+
 POINTER = "latest"
+BEST = "best"
 # Test hook (tests/test_distributed.py): seconds to sleep inside `save` after the model and optimizer are written and
 # before the checkpoint is complete, so a test can SIGKILL a process mid-save. Unset in real runs.
 PAUSE_ENV = "MIMTRAIN_TEST_PAUSE_IN_SAVE"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by every torch.load call, even weights_only=False ones
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(BadFileError, RuntimeError):
+    """A checkpoint that is incomplete, foreign or unsafe to load (the CLI: one line, exit 3)."""
 
 
 class Checkpoints:
@@ -48,6 +52,14 @@ class Checkpoints:
     def latest(self) -> Path | None:
         """The directory the pointer names (the last one this run completed), or None."""
         ptr = self.root / POINTER
+        if not ptr.exists():
+            return None
+        path = self.root / ptr.read_text().strip()
+        return path if path.is_dir() else None
+
+    def best(self) -> Path | None:
+        """The directory the best pointer names (kept by retention), or None."""
+        ptr = self.root / BEST
         if not ptr.exists():
             return None
         path = self.root / ptr.read_text().strip()
@@ -83,8 +95,8 @@ class Checkpoints:
         os.replace(ckpt, dest)
         return dest
 
-    def save(self, accelerator, step: int, rank_state: dict, config_text: str) -> Path:
-        """Collective: every process calls it. Returns the final directory."""
+    def save(self, accelerator, step: int, rank_state: dict, config_text: str, best: bool = False) -> Path:
+        """Collective: every process calls it. Returns the final directory. best: also point `best` at it."""
         name = f"step-{step:08d}"
         tmp, final = self.root / f"tmp-{name}", self.root / name
         with _disk_errors(tmp, self.latest()):
@@ -103,6 +115,8 @@ class Checkpoints:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 _atomic_write(self.root / POINTER, name + "\n")
+                if best:
+                    _atomic_write(self.root / BEST, name + "\n")
                 self._prune(keep=final)
         accelerator.wait_for_everyone()
         return final
@@ -110,8 +124,9 @@ class Checkpoints:
     def _prune(self, keep: Path) -> None:
         steps = {int(p.name[5:]): p for p in self.steps()}
         kept = retained(list(steps), self.keep_last, self.keep_every)
+        best = self.best()
         for step, old in steps.items():
-            if step not in kept and old != keep:
+            if step not in kept and old != keep and old != best:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob("tmp-step-*"):  # left by a process killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
@@ -154,7 +169,8 @@ def checkpoint_config(ckpt: Path) -> dict:
         cfg = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path} is unreadable (missing, truncated or damaged): {e}") from None
-    missing = [k for k in ("encoder", "method", "data", "train", "derived") if not isinstance((cfg or {}).get(k), dict)
+    # every command's config has these ("method": pretraining's only)
+    missing = [k for k in ("encoder", "data", "train", "derived") if not isinstance((cfg or {}).get(k), dict)
                ] if isinstance(cfg, dict) else ["everything"]
     if missing or not isinstance(cfg["derived"].get("world_size"), int):
         raise CheckpointError(f"{path} is incomplete (truncated?): no {', '.join(missing) or 'derived.world_size'}")

@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from mimtrain.config.errors import ConfigError
+from mimtrain.config.ranges import check_ranges, ranged
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema."""
+__all__ = ["ConfigError", "ranged"]  # re-exported: configs and callers import them from here
 
 
 def default_workers(cap: int = 8) -> int:
@@ -31,26 +32,26 @@ def default_workers(cap: int = 8) -> int:
 @dataclass
 class EncoderConfig:
     name: str = "mim_vit_base_patch16"  # any registered mimtrain encoder (timm name)
-    mask_unit: int | None = None  # pixels per mask cell; None = the encoder's default (0/negative are refused)
-    drop_path_rate: float = 0.0
+    mask_unit: int | None = ranged(None, gt=0)  # pixels per mask cell; None = the encoder's default
+    drop_path_rate: float = ranged(0.0, ge=0, lt=1)  # stochastic depth rate of the last block
     kwargs: dict = field(default_factory=dict)  # extra architecture arguments (ablations, tiny test models)
 
 
 @dataclass
 class MaskConfig:
-    ratio: float = 0.75
+    ratio: float = ranged(0.75, gt=0, lt=1)  # fraction of mask units hidden
     generator: str = "random"  # "random" (MAE, uniform) | "block" (BEiT-style block-wise)
-    min_block: int = 4  # block generator: smallest block, in mask units
-    max_aspect: float = 3.0  # block generator: aspect ratios drawn log-uniformly in [1/a, a]
+    min_block: int = ranged(4, ge=1)  # block generator: smallest block, in mask units
+    max_aspect: float = ranged(3.0, ge=1)  # block generator: aspect ratios drawn log-uniformly in [1/a, a]
 
 
 @dataclass
 class MethodConfig:
     name: str = "mae"  # "mae" | "simmim"
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
+    decoder_dim: int = ranged(512, gt=0)  # MAE decoder width
+    decoder_depth: int = ranged(8, ge=1)  # MAE decoder blocks
+    decoder_heads: int = ranged(16, ge=1)  # MAE decoder attention heads (divide decoder_dim)
+    norm_pix_loss: bool = True  # MAE: each target patch normalised by its own mean and variance
 
 
 @dataclass
@@ -58,47 +59,48 @@ class DataConfig:
     train_shards: str = ""  # brace pattern, file list (comma-separated), directory, pipe: command or http(s) URL
     val_shards: str = ""  # labelled: the k-NN queries when train.knn_every > 0
     knn_train_shards: str = ""  # labelled shards (`.cls`): the k-NN bank when train.knn_every > 0
-    img_size: int = 224
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    shuffle_buffer: int = 2000
-    num_workers: int = field(default_factory=default_workers)  # default: min(8, CPUs per process on this node)
-    samples_per_epoch: int = 0  # 0 = read from the shards' index (written by make-shards) or count them once
+    img_size: int = ranged(224, gt=0)  # square training crops, pixels
+    crop_scale: tuple[float, float] = ranged((0.2, 1.0), gt=0, le=1, ordered=True)  # RandomResizedCrop area range
+    hflip: bool = True  # random horizontal flips
+    mean: tuple[float, float, float] = ranged((0.485, 0.456, 0.406), ge=0, le=1)  # per channel, on [0, 1] pixels
+    std: tuple[float, float, float] = ranged((0.229, 0.224, 0.225), gt=0)  # per channel (a 0 divides by zero)
+    shuffle_buffer: int = ranged(2000, ge=0)  # samples held for shuffling across shards (0 = off)
+    num_workers: int = ranged(default_factory=default_workers, ge=0)  # default: min(8, CPUs per process on this node)
+    samples_per_epoch: int = ranged(0, ge=0)  # 0 = from the shards' index (make-shards writes it) or counted once
 
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4  # base lr for a batch of `lr_base_batch`
-    lr: float = 0.0  # absolute lr; 0 = derived from blr (see `derive`)
-    lr_base_batch: int = 256  # MAE scales by batch/256; SimMIM by batch/512
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 40.0
-    clip_grad: float = 0.0  # 0 = off
+    blr: float = ranged(1.5e-4, gt=0)  # base lr for a batch of `lr_base_batch`
+    lr: float = ranged(0.0, ge=0)  # absolute lr; 0 = derived from blr (see `derive`)
+    lr_base_batch: int = ranged(256, gt=0)  # MAE scales by batch/256; SimMIM by batch/512
+    min_lr: float = ranged(0.0, ge=0)  # where the cosine schedule ends
+    weight_decay: float = ranged(0.05, ge=0)  # AdamW decoupled weight decay
+    betas: tuple[float, float] = ranged((0.9, 0.95), ge=0, lt=1)  # AdamW (beta1, beta2)
+    warmup_epochs: float = ranged(40.0, ge=0)  # linear warm-up length, in epochs
+    clip_grad: float = ranged(0.0, ge=0)  # 0 = off
     fused: bool = True  # torch's fused AdamW kernel where the device supports it
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 800
-    max_steps: int = 0  # hard stop (optimizer steps) that overrides epochs; the schedule still follows epochs
-    batch_size: int = 64  # per process; MAE ViT-B: 64 x 64 GPUs = 4096
-    grad_accum: int = 1
+    epochs: int = ranged(800, gt=0)  # length of the cosine schedule
+    max_steps: int = ranged(0, ge=0)  # hard stop (optimizer steps) over epochs; the schedule still follows epochs
+    batch_size: int = ranged(64, gt=0)  # per process; MAE ViT-B: 64 x 64 GPUs = 4096
+    grad_accum: int = ranged(1, gt=0)  # micro-batches per optimizer step
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp16" | "fp32"
-    log_every: int = 20  # steps between logged scalars (and the only host syncs of the loss)
+    grad_checkpointing: bool = False  # recompute each encoder block's activations in backward (memory for compute)
+    log_every: int = ranged(20, gt=0)  # steps between logged scalars (and the only host syncs of the loss)
     log_with: str = "tensorboard"  # accelerate tracker: tensorboard | wandb | mlflow (the last two: pip install them)
-    image_every: int = 500  # steps between TensorBoard reconstruction grids (0 = off)
-    ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
-    keep_last: int = 3  # latest checkpoints kept (older ones are deleted once a newer one is complete; 0 = all)
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this, for good (0 = none)
-    preempt_check_every: int = 1  # steps between the processes' agreement on a SIGTERM/SIGUSR1 (a host-only reduce)
-    knn_every: int = 0  # steps between k-NN top-1 probes on data.knn_train_shards -> data.val_shards (0 = off)
-    progress: bool = True
+    image_every: int = ranged(500, ge=0)  # steps between TensorBoard reconstruction grids (0 = off)
+    ckpt_every: int = ranged(1000, gt=0)  # steps between checkpoints (one is also written at the end)
+    keep_last: int = ranged(3, ge=0)  # latest checkpoints kept (older ones go once a newer one is complete; 0 = all)
+    keep_every: int = ranged(0, ge=0)  # also keep for good every checkpoint whose step is a multiple of this (0 = none)
+    preempt_check_every: int = ranged(1, gt=0)  # steps between the processes' agreement on SIGTERM/SIGUSR1 (host-only)
+    knn_every: int = ranged(0, ge=0)  # steps between k-NN top-1 probes, knn_train_shards -> val_shards (0 = off)
+    progress: bool = True  # a tqdm progress bar on the main process
     trace_keys: bool = False  # write the sample keys each process trains on to output_dir/keys_rank<r>.txt (audits)
-    dist_timeout_s: int = 0  # seconds before a stalled process fails its peers' collectives; 0 = torch's (30 min)
+    dist_timeout_s: int = ranged(0, ge=0)  # seconds before a stalled process fails its peers; 0 = torch's (30 min)
     # GPU fast path switches (engine/fastpath.py; `mimtrain bench` measures each on and off)
     compile: bool = False  # torch.compile the method's forward (encoder, drop-mode gather, decoder, loss)
     compile_mode: str = "default"  # "default" | "reduce-overhead" | "max-autotune" | "max-autotune-no-cudagraphs"
@@ -108,10 +110,10 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    output_dir: str = "runs/mae_vit_base"
+    output_dir: str = "runs/mae_vit_base"  # the run directory: checkpoints, logs, config.yaml
     resume: str = ""  # "" (start fresh) | "auto" (newest complete checkpoint in output_dir) | a checkpoint dir
     overwrite: bool = False  # a used output_dir is moved aside to <output_dir>.old-<time> (never deleted)
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=2**32 - 1)  # of every random draw (numpy takes 32 bits)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -282,41 +284,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
-# Range checks, by dotted key, for whichever config root has the key (pretraining, evaluation, dense runs); a key
-# that is absent or None (evaluation: "the source's") is not checked.
-POSITIVE = ("train.batch_size", "train.grad_accum", "train.log_every", "train.ckpt_every", "train.eval_batch_size",
-            "train.epochs", "train.iters", "train.preempt_check_every", "data.img_size")
-NON_NEGATIVE = ("train.max_steps", "train.knn_every", "train.image_every", "train.keep_last", "train.keep_every",
-                "train.eval_every", "data.num_workers", "data.samples_per_epoch", "optim.warmup_epochs",
-                "data.shuffle_buffer", "train.dist_timeout_s")
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not hasattr(cfg, part):
-            return None
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def check_values(cfg: Any) -> None:
-    """Refuse values that are out of range, naming the key, before any data is read or model built."""
-    for key in POSITIVE:
-        v = _get(cfg, key)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{key} must be > 0, got {v}")
-    for key in NON_NEGATIVE:
-        v = _get(cfg, key)
-        if v is not None and v < 0:
-            raise ConfigError(f"{key} must be >= 0, got {v}" + (" (0 = no hard stop)" if key.endswith("max_steps")
-                                                                 else ""))
-    scale = _get(cfg, "data.crop_scale")
-    if scale is not None and not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), "
-                          f"got {list(scale)}")
-    ratio = _get(cfg, "mask.ratio")
-    if ratio is not None and not 0 < ratio < 1:
-        raise ConfigError(f"mask.ratio must be in (0, 1), got {ratio}")
+    """Refuse values outside their declared ranges (`ranged` on each field), naming the key, before any data is
+    read or model built. Works on every config root (pretraining, evaluation, dense)."""
+    check_ranges(cfg)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -365,10 +336,18 @@ class Derived:
         return dataclasses.asdict(self)
 
 
+def describe_lr(optim: OptimConfig, effective_batch: int, lr: float) -> str:
+    """Where the peak lr comes from, for the run's log: the explicit optim.lr, or the scaling rule."""
+    if optim.lr > 0:
+        return f"lr = {lr:.3g} (optim.lr)"
+    return f"lr = blr {optim.blr:g} x {effective_batch} / {optim.lr_base_batch} = {lr:.3g}"
+
+
 def derive(cfg: Config, world_size: int, samples_per_epoch: int) -> Derived:
     check_values(cfg)  # configs built in code (not through load_config) meet the same ranges
     t, o = cfg.train, cfg.optim
     eff = t.batch_size * world_size * t.grad_accum
+    # optim.lr >= 0 is its declared range, so an explicit lr is never replaced: only 0 means "derive it"
     lr = o.lr if o.lr > 0 else o.blr * eff / o.lr_base_batch
     steps_per_epoch = samples_per_epoch // eff
     if steps_per_epoch < 1:

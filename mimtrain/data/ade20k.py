@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import ColorJitter
 from torchvision.transforms.functional import normalize, pil_to_tensor
 
+from mimtrain.config.errors import DataError, MissingPathError
 from mimtrain.config.dense import Ade20kDataConfig
 
 IGNORE = 255
@@ -32,8 +33,8 @@ def find_root(root: str | Path) -> Path:
     if (p / "ADEChallengeData2016").is_dir():
         p = p / "ADEChallengeData2016"
     if not (p / "images").is_dir() or not (p / "annotations").is_dir():
-        raise FileNotFoundError(f"ADE20K not found at {root}: expected ADEChallengeData2016/images/{{training,"
-                                "validation}/*.jpg and ADEChallengeData2016/annotations/{training,validation}/*.png")
+        raise MissingPathError(f"ADE20K not found at {root}: expected ADEChallengeData2016/images/{{training,"
+                               "validation}/*.jpg and ADEChallengeData2016/annotations/{training,validation}/*.png")
     return p
 
 
@@ -42,17 +43,17 @@ def list_pairs(root: Path, split: str, max_images: int = 0) -> list[tuple[Path, 
     img_dir, ann_dir = root / "images" / split, root / "annotations" / split
     for d in (img_dir, ann_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"ADE20K folder not found: {d}")
+            raise MissingPathError(f"ADE20K folder not found: {d}")
     images = sorted(img_dir.glob("*.jpg"))
     if not images:
-        raise FileNotFoundError(f"no .jpg images in {img_dir}")
+        raise MissingPathError(f"no .jpg images in {img_dir}")
     if max_images:
         images = images[:max_images]
     pairs = [(im, ann_dir / f"{im.stem}.png") for im in images]
     missing = [str(lab) for _, lab in pairs if not lab.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) in {img_dir} have no label PNG, e.g. {missing[0]} is "
-                                "missing")
+        raise MissingPathError(f"{len(missing)} image(s) in {img_dir} have no label PNG, e.g. {missing[0]} is "
+                               "missing")
     return pairs
 
 
@@ -85,7 +86,7 @@ def check_labels(pairs: list[tuple[Path, Path]], num_classes: int, num_workers: 
     for path, mode, extrema in loader:
         problem = _label_problem(mode, extrema, num_classes)
         if problem:
-            raise ValueError(f"label {path} {problem}")
+            raise DataError(f"label {path} {problem}")
 
 
 def read_label(path: Path, num_classes: int) -> np.ndarray:
@@ -93,7 +94,7 @@ def read_label(path: Path, num_classes: int) -> np.ndarray:
     with Image.open(path) as im:
         problem = _label_problem(im.mode, im.getextrema(), num_classes)
         if problem:
-            raise ValueError(f"label {path} {problem}")
+            raise DataError(f"label {path} {problem}")
         raw = np.asarray(im, dtype=np.uint8)
     return np.where(raw == 0, IGNORE, raw - 1).astype(np.uint8)
 

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from mimtrain.config.errors import ConfigError, DataError, MissingPathError
+
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[:6], fractions in [0, 1]
 
 
@@ -40,7 +42,7 @@ def check_annotations(coco: COCO, ann_file: Path, img_dir: Path) -> None:
     missing = [str(img_dir / im["file_name"]) for im in coco.dataset.get("images", [])
                if im["file_name"] not in on_disk and not (img_dir / im["file_name"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"{ann_file} lists {len(missing)} image(s) that do not exist: {_short(missing)}")
+        raise MissingPathError(f"{ann_file} lists {len(missing)} image(s) that do not exist: {_short(missing)}")
     bad_img = [a["id"] for a in coco.dataset.get("annotations", []) if a["image_id"] not in coco.imgs]
     bad_cat = [a["id"] for a in coco.dataset.get("annotations", []) if a["category_id"] not in coco.cats]
     bad_box = [a["id"] for a in coco.dataset.get("annotations", []) if len(a.get("bbox", ())) != 4]
@@ -50,7 +52,7 @@ def check_annotations(coco: COCO, ann_file: Path, img_dir: Path) -> None:
                       (bad_cat, "point at a category id not in 'categories'"),
                       (bad_box, "have no [x, y, w, h] bbox"), (no_seg, "have no segmentation (Mask R-CNN needs one)")):
         if ids:
-            raise ValueError(f"{ann_file}: annotation(s) {_short(ids)} {what}")
+            raise DataError(f"{ann_file}: annotation(s) {_short(ids)} {what}")
 
 
 class CocoInstances(Dataset):
@@ -75,10 +77,10 @@ class CocoInstances(Dataset):
         self.ann_file = root / "annotations" / f"instances_{split}.json"
         self.img_dir = root / split
         if not self.ann_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file not found: {self.ann_file} "
-                                    f"(expected ROOT/annotations/instances_{split}.json)")
+            raise MissingPathError(f"COCO annotation file not found: {self.ann_file} "
+                                   f"(expected ROOT/annotations/instances_{split}.json)")
         if not self.img_dir.is_dir():
-            raise FileNotFoundError(f"COCO image folder not found: {self.img_dir} (expected ROOT/{split}/)")
+            raise MissingPathError(f"COCO image folder not found: {self.img_dir} (expected ROOT/{split}/)")
         self.coco = _quietly(COCO, str(self.ann_file))
         check_annotations(self.coco, self.ann_file, self.img_dir)
         self.cat_ids = sorted(self.coco.cats)
@@ -90,7 +92,7 @@ class CocoInstances(Dataset):
             ids = [i for i in ids if self._annotations(i)]
         self.ids = ids[:max_images] if max_images else ids
         if not self.ids:
-            raise ValueError(f"{self.ann_file}: no images" + (" with a usable (non-crowd) annotation" if train else ""))
+            raise DataError(f"{self.ann_file}: no images" + (" with a usable (non-crowd) annotation" if train else ""))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,8 +107,8 @@ class CocoInstances(Dataset):
         with Image.open(path) as im:
             img = im.convert("RGB")
         if img.size != (info["width"], info["height"]):
-            raise ValueError(f"{path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "
-                             f"{info['width']}x{info['height']}")
+            raise DataError(f"{path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "
+                            f"{info['width']}x{info['height']}")
         return pil_to_tensor(img).float() / 255.0
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict]:
@@ -145,11 +147,11 @@ class ResizeCrop:
 
     def __init__(self, prob: float, scales: tuple[int, ...], crop_range: tuple[int, int], max_size: int = 1333):
         if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"crop probability must be in [0, 1], got {prob}")
+            raise ConfigError(f"crop probability must be in [0, 1], got {prob}")
         if not scales or min(scales) < 1:
-            raise ValueError(f"crop resize scales must be positive shorter sides, got {list(scales)}")
+            raise ConfigError(f"crop resize scales must be positive shorter sides, got {list(scales)}")
         if not 0 < crop_range[0] <= crop_range[1]:
-            raise ValueError(f"crop size range must be [lo, hi] with 0 < lo <= hi, got {list(crop_range)}")
+            raise ConfigError(f"crop size range must be [lo, hi] with 0 < lo <= hi, got {list(crop_range)}")
         self.prob, self.scales, self.crop_range, self.max_size = prob, tuple(scales), tuple(crop_range), max_size
 
     def __call__(self, img: Tensor, target: dict) -> tuple[Tensor, dict]:

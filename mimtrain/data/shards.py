@@ -25,6 +25,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mimtrain.config.errors import ConfigError, DataError, MissingPathError, OutputPathError
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 INDEX_NAME = "index.json"
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -76,7 +78,7 @@ class Source:
 def _imagefolder(src: Path) -> Source:
     classes = sorted(d.name for d in src.iterdir() if d.is_dir())
     if not classes:
-        raise ValueError(f"{src}: an ImageFolder needs one sub-folder per class (none found)")
+        raise DataError(f"{src}: an ImageFolder needs one sub-folder per class (none found)")
     refs, labels, empty = [], [], []
     for label, cls in enumerate(classes):
         files = sorted(str(p) for p in (src / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
@@ -95,10 +97,10 @@ def _open_hf(path: str, split: str | None):
         if split is None:
             split = "train" if "train" in ds else sorted(ds)[0]
         if split not in ds:
-            raise ValueError(f"{path}: no split '{split}'; its splits are {sorted(ds)} (choose with --split)")
+            raise DataError(f"{path}: no split '{split}'; its splits are {sorted(ds)} (choose with --split)")
         ds = ds[split]
     elif split is not None:
-        raise ValueError(f"{path} holds a single Dataset, not a DatasetDict: drop --split {split}")
+        raise DataError(f"{path} holds a single Dataset, not a DatasetDict: drop --split {split}")
     return ds, split
 
 
@@ -107,16 +109,16 @@ def _hf_dataset(src: Path, split: str | None, image_column: str | None, label_co
     cols = ds.column_names
     img_col = image_column or next((c for c in IMAGE_COLUMNS if c in cols), None)
     if img_col not in cols:
-        raise ValueError(f"{src}: no image column '{img_col or '/'.join(IMAGE_COLUMNS)}' (its columns: {cols}); "
-                         "name it with --image-column")
+        raise DataError(f"{src}: no image column '{img_col or '/'.join(IMAGE_COLUMNS)}' (its columns: {cols}); "
+                        "name it with --image-column")
     if label_column is not None and label_column not in cols:
-        raise ValueError(f"{src}: no label column '{label_column}' (its columns: {cols})")
+        raise DataError(f"{src}: no label column '{label_column}' (its columns: {cols})")
     label_col = label_column or next((c for c in LABEL_COLUMNS if c in cols), None)
     if label_col is None:
         return Source("hf", str(src), list(range(len(ds))), [-1] * len(ds), None, split, img_col)
     labels = [int(v) for v in ds[label_col]]
     if labels and min(labels) < 0:
-        raise ValueError(f"{src}: column '{label_col}' holds negative labels; pick another with --label-column")
+        raise DataError(f"{src}: column '{label_col}' holds negative labels; pick another with --label-column")
     names = getattr(ds.features.get(label_col), "names", None)
     classes = list(names) if names else [str(i) for i in range(max(labels, default=-1) + 1)]
     return Source("hf", str(src), list(range(len(ds))), labels, classes, split, img_col)
@@ -181,14 +183,14 @@ def _write_task(task: tuple[str, list]) -> tuple[int, Counter, list[str]]:
 def _prepare_out(out: Path, src: Path, overwrite: bool) -> None:
     """An empty folder: refuse a used one (mixing two datasets' shards) unless `overwrite`, which clears it."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file, not a folder")
+        raise OutputPathError(f"{out} is a file, not a folder")
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if entries and not overwrite:
-        raise ValueError(f"{out} is not empty ({len(entries)} entries, e.g. {entries[0].name}): shards of two "
+        raise OutputPathError(f"{out} is not empty ({len(entries)} entries, e.g. {entries[0].name}): shards of two "
                          "datasets would mix; write to an empty folder, or pass --overwrite to clear it first")
     if entries:
         if src.resolve() == out.resolve() or out.resolve() in src.resolve().parents:
-            raise ValueError(f"--overwrite would delete the source {src}, which lies inside {out}")
+            raise OutputPathError(f"--overwrite would delete the source {src}, which lies inside {out}")
         for entry in entries:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -201,15 +203,15 @@ def make_shards(src: str | Path, out_dir: str | Path, shard_size: int = 1000, sp
     """Write `out_dir/{prefix}-000000.tar, ...` and return the summary that is also saved as `index.json`."""
     src, out = Path(src), Path(out_dir)
     if not src.is_dir():
-        raise FileNotFoundError(f"source not found (an ImageFolder tree or a `datasets.save_to_disk` folder): {src}")
+        raise MissingPathError(f"source not found (an ImageFolder tree or a `datasets.save_to_disk` folder): {src}")
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1 (got {shard_size})")
+        raise ConfigError(f"--shard-size must be at least 1 (got {shard_size})")
     is_hf = any((src / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
     if not is_hf and (image_column or label_column or split):
-        raise ValueError(f"{src} is an ImageFolder tree: --split/--image-column/--label-column apply to HF datasets")
+        raise ConfigError(f"{src} is an ImageFolder tree: --split/--image-column/--label-column apply to HF datasets")
     source = _hf_dataset(src, split, image_column, label_column) if is_hf else _imagefolder(src)
     if not source.refs:
-        raise ValueError(f"{src}: no images found (extensions {sorted(IMAGE_EXTS)})")
+        raise DataError(f"{src}: no images found (extensions {sorted(IMAGE_EXTS)})")
     for cls in source.empty_classes:
         print(f"make-shards: warning: class folder '{cls}' holds no image; its label stays reserved", file=sys.stderr)
     _prepare_out(out, src, overwrite)
@@ -231,7 +233,7 @@ def make_shards(src: str | Path, out_dir: str | Path, shard_size: int = 1000, sp
     bar.close()
     total = sum(per_shard.values())
     if total == 0:
-        raise ValueError(f"{src}: none of its {len(order)} files could be read, e.g. {skipped[:3]}")
+        raise DataError(f"{src}: none of its {len(order)} files could be read, e.g. {skipped[:3]}")
     summary = {"source": str(src), "total": total, "labelled": source.classes is not None,
                "num_classes": len(source.classes) if source.classes is not None else None,
                "shuffled": shuffle, "seed": seed if shuffle else None, "shards": per_shard,

@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mimtrain.config.errors import ConfigError, DataError, MissingPathError
 from mimtrain.masking import MaskingService, sample_seed
 from mimtrain.data.shards import IMAGE_EXTS, INDEX_NAME
 from mimtrain.data.transforms import UndecodableImage, seeded
@@ -43,11 +44,12 @@ from mimtrain.data.transforms import UndecodableImage, seeded
 _IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTS)
 
 
-def expand_shards(spec: str, check: bool = True) -> list[str]:
+def expand_shards(spec: str, check: bool = True, key: str = "data.train_shards") -> list[str]:
     """Shard URLs from a spec: comma- or '::'-separated items, each a brace pattern, glob, directory (its *.tar),
-    `pipe:` command or http(s) URL. Local paths must exist (checked before any training starts)."""
+    `pipe:` command or http(s) URL. Local paths must exist (checked before any training starts); `key` is the
+    setting the spec came from, for the messages."""
     if not spec:
-        raise ValueError("no shards given: set data.train_shards (e.g. 'data/shard-{000000..000099}.tar')")
+        raise ConfigError(f"no shards given: set {key} (e.g. 'data/shard-{{000000..000099}}.tar')")
     urls: list[str] = []
     for item in [s.strip() for part in spec.split(",") for s in part.split("::") if s.strip()]:
         if item.startswith(("pipe:", "http://", "https://", "s3://", "gs://")):
@@ -63,9 +65,11 @@ def expand_shards(spec: str, check: bool = True) -> list[str]:
     local = [u for u in urls if not _remote(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if check and missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]} (from spec '{spec}')")
+        raise MissingPathError(f"{key}: {len(missing)} shard(s) not found, e.g. {missing[:3]} (from spec '{spec}')")
     if not urls:
-        raise FileNotFoundError(f"no shards match '{spec}'")
+        folder = spec if os.path.isdir(spec) else None
+        raise DataError(f"{key}: folder {folder} holds no shards (*.tar)" if folder else
+                        f"{key}: no shards match '{spec}'")
     return urls
 
 
@@ -85,8 +89,8 @@ def _count_tar(url: str) -> int:
             return len({m.name.split(".", 1)[0] for m in tar.getmembers()
                         if m.name.rsplit(".", 1)[-1].lower() in _IMAGE_KEYS})
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"shard {url} is not a readable tar file ({type(e).__name__}: {e}); rewrite it with "
-                         "`mimtrain make-shards` or drop it from the shard list") from e
+        raise DataError(f"shard {url} is not a readable tar file ({type(e).__name__}: {e}); rewrite it with "
+                        "`mimtrain make-shards` or drop it from the shard list") from e
 
 
 @functools.lru_cache(maxsize=16)  # keyed by the files' (size, mtime) too: a rewritten shard folder is read again
@@ -121,18 +125,68 @@ def count_samples(urls: list[str]) -> int:
     """Samples in local shards: from make-shards' index.json where present, else by reading the tar headers."""
     sizes = shard_sizes(urls)
     if sizes is None:
-        raise ValueError(f"cannot count samples of remote shards ({next(u for u in urls if _remote(u))}): set "
-                         "data.samples_per_epoch")
+        raise ConfigError(f"cannot count samples of remote shards ({next(u for u in urls if _remote(u))}): set "
+                          "data.samples_per_epoch")
     return sum(sizes)
 
 
 def require_labels(urls: list[str], purpose: str) -> None:
-    """Refuse shards that make-shards wrote as unlabelled (before any model is built or step taken)."""
-    for folder in dict.fromkeys(os.path.dirname(u) for u in urls if not _remote(u)):
-        if _index(folder).get("labelled") is False:
-            raise ValueError(f"{purpose} needs labelled shards, and those in {folder} are unlabelled (index.json: "
-                             f"written from data with no label column); point it at shards made from an ImageFolder "
-                             "tree or with --label-column")
+    """Refuse unlabelled shards (before any model is built or step taken): those make-shards wrote as unlabelled,
+    and, in a folder without its index, a first shard whose first samples carry no `.cls`."""
+    for folder, first in {os.path.dirname(u): u for u in reversed(urls) if not _remote(u)}.items():
+        labelled = _index(folder).get("labelled")
+        if labelled is False:
+            raise DataError(f"{purpose} needs labelled shards, and those in {folder} are unlabelled (index.json: "
+                            f"written from data with no label column); point it at shards made from an ImageFolder "
+                            "tree or with --label-column")
+        if labelled is None and not _has_labels(first):
+            raise DataError(f"{purpose} needs labelled shards, and {first} holds images without a .cls label; "
+                            "write labelled shards with `mimtrain make-shards` from an ImageFolder tree")
+
+
+def _has_labels(url: str, look: int = 16) -> bool:
+    """Whether a `.cls` member appears among the first `look` members of a tar (headers only)."""
+    try:
+        with tarfile.open(url) as tar:
+            for member in itertools.islice(iter(tar.next, None), look):
+                if member.name.endswith(".cls"):
+                    return True
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"shard {url} is not a readable tar file ({type(e).__name__}: {str(e).split(':')[0]}); "
+                        "rewrite it with `mimtrain make-shards` or drop it from the shard list") from None
+    return False
+
+
+def require_samples(urls: list[str], key: str) -> None:
+    """Refuse local shards that hold no samples at all, naming their folder (remote shards: not counted)."""
+    sizes = shard_sizes(urls)
+    if sizes is not None and sum(sizes) == 0:
+        folders = ", ".join(dict.fromkeys(os.path.dirname(u) for u in urls))
+        raise DataError(f"{key}: the {len(urls)} shard(s) in {folders} hold no samples")
+
+
+def match_classes(train: list[str], val: list[str]) -> tuple[list[int] | None, list[str]]:
+    """Map the validation labels onto the training classes by name (make-shards' classes.json beside each).
+
+    Returns (label map, training classes missing from val): the map takes val label i to the training label of
+    class names_val[i], None when the lists are equal (or either side has no classes.json). A val class the
+    training set lacks, or an order of the shared classes that differs (two numberings of one class set), is
+    refused, naming the classes."""
+    names_train, names_val = class_names(train), class_names(val)
+    if names_train is None or names_val is None or names_train == names_val:
+        return None, []
+    where = f"{Path(train[0]).parent / 'classes.json'} and {Path(val[0]).parent / 'classes.json'}"
+    unknown = [n for n in names_val if n not in names_train]
+    if unknown:
+        raise DataError(f"data.val_shards has classes the training shards lack: {unknown[:8]} ({where}); "
+                        "evaluate on shards made from the same class set")
+    shared = [n for n in names_train if n in names_val]
+    if shared != names_val:
+        i = next(i for i, (a, b) in enumerate(zip(shared, names_val)) if a != b)
+        raise DataError(f"data.train_shards and data.val_shards number their classes in different orders "
+                        f"({shared[i]!r} vs {names_val[i]!r} at val label {i}; {where}): rewrite one set with "
+                        "`mimtrain make-shards` so both sort their classes alike")
+    return [names_train.index(n) for n in names_val], [n for n in names_train if n not in names_val]
 
 
 class ShardStream(IterableDataset):
@@ -146,19 +200,22 @@ class ShardStream(IterableDataset):
             per stream (evaluation).
         start: resume point {"consumed": batches already consumed this epoch, "streams": {s: [round, raw]}}.
         sizes: samples per shard (default: `shard_sizes(urls)`).
+        label_map: label i read from a `.cls` becomes label_map[i] (val classes renumbered by `match_classes`).
     """
 
     def __init__(self, urls: list[str], transform: Callable, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_streams: int = 1, masking: MaskingService | None = None,
                  num_batches: int | None = None, shuffle_buffer: int = 1000, epoch: int = 0,
-                 start: dict | None = None, shuffle_shards: bool = True, sizes: list[int] | None = None):
+                 start: dict | None = None, shuffle_shards: bool = True, sizes: list[int] | None = None,
+                 label_map: list[int] | None = None):
         super().__init__()
+        self.label_map = label_map
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         if self.sizes is None and len(urls) < world_size * num_streams:
-            raise ValueError(f"{len(urls)} remote shard(s) of unknown size cannot feed {world_size} process(es) x "
-                             f"{num_streams} worker(s): they are dealt whole, so write at least "
-                             f"{world_size * num_streams} shards (make-shards --shard-size), or fewer workers")
+            raise ConfigError(f"{len(urls)} remote shard(s) of unknown size cannot feed {world_size} process(es) x "
+                              f"{num_streams} worker(s): they are dealt whole, so write at least "
+                              f"{world_size * num_streams} shards (make-shards --shard-size), or fewer workers")
         self.seed, self.rank, self.world_size, self.num_streams = seed, rank, world_size, num_streams
         self.masking, self.num_batches, self.shuffle_buffer = masking, num_batches, shuffle_buffer
         self.shuffle_shards = shuffle_shards
@@ -243,6 +300,8 @@ class ShardStream(IterableDataset):
             if ext is None:
                 raise ValueError("no image")
             label = int(sample["cls"]) if "cls" in sample else -1
+            if self.label_map is not None and 0 <= label < len(self.label_map):
+                label = self.label_map[label]  # val classes numbered by the training classes (match_classes)
             if getattr(self.transform, "takes_bytes", False):
                 img = sample[ext]  # the transform decodes (a JPEG at reduced scale where its crop allows)
             else:
@@ -292,7 +351,7 @@ class ShardStream(IterableDataset):
                 return
             if decoded == 0 and raw == 0:
                 pieces = self._pieces(stream)
-                raise RuntimeError(f"stream {stream} of rank {self.rank} decoded no image from its {len(pieces)} "
+                raise DataError(f"stream {stream} of rank {self.rank} decoded no image from its {len(pieces)} "
                                    f"shard slice(s), e.g. {[p[0] for p in pieces[:3]]}: {counters['skipped']} "
                                    "unreadable; are these image shards written by `mimtrain make-shards`?")
             round_, raw = round_ + 1, 0  # short of whole batches (undecodable samples): top up with another round
@@ -315,22 +374,27 @@ def class_names(urls: list[str]) -> list[str] | None:
 
 
 def num_classes(urls: list[str], given: int = 0) -> int:
-    """`given` when set (> 0), else the length of make-shards' classes.json beside the first shard."""
-    if given > 0:
-        return given
+    """`given` when set (> 0), else the length of make-shards' classes.json beside the first shard. A `given` below
+    that length is refused (labels up to length - 1 would index past the head)."""
     names = class_names(urls)
+    if given > 0:
+        if names is not None and given < len(names):
+            raise ConfigError(f"data.num_classes={given} is below the {len(names)} classes of "
+                              f"{Path(urls[0]).parent / 'classes.json'} (labels up to {len(names) - 1})")
+        return given
     if names is None:
-        raise ValueError(f"cannot tell the number of classes: no {Path(urls[0]).parent / 'classes.json'}; set "
-                         "data.num_classes")
+        raise ConfigError(f"cannot tell the number of classes: no {Path(urls[0]).parent / 'classes.json'}; set "
+                          "data.num_classes")
     return len(names)
 
 
 def labelled_pass(urls: list[str], transform: Callable, batch_size: int, rank: int = 0, world_size: int = 1,
-                  num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                  num_workers: int = 0, pin_memory: bool = False, label_map: list[int] | None = None) -> DataLoader:
     """One full, unshuffled pass over this process's share of `urls` (evaluation, feature extraction); iterate it
-    again for another pass."""
+    again for another pass. `label_map`: see ShardStream."""
     stream = ShardStream(urls, transform, batch_size, seed=0, rank=rank, world_size=world_size,
-                         num_streams=max(1, num_workers), num_batches=None, shuffle_buffer=1, shuffle_shards=False)
+                         num_streams=max(1, num_workers), num_batches=None, shuffle_buffer=1, shuffle_shards=False,
+                         label_map=label_map)
     return make_loader(stream, num_workers, pin_memory)
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import random
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 from PIL import Image
+from timm.data import auto_augment, create_transform
 from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
@@ -24,6 +26,8 @@ try:  # libjpeg-turbo straight into a tensor: ~1.4x PIL's line-by-line decode on
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # torchvision 0.29 deprecates its codecs (for torchcodec); once they are gone, PIL decodes
     decode_jpeg = None
+if TYPE_CHECKING:
+    from mimtrain.config.classify import EvalDataConfig, FinetuneOptions
 # It warns on every call; the fallback above is our answer to the deprecation.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
                         category=DeprecationWarning)
@@ -169,16 +173,71 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 class PythonSeeded:
-    """Run a transform that draws from Python's `random` (timm's RandAugment, RandomErasing) under a seed drawn from
-    torch's RNG, which the data pipeline seeds per sample, so augmentations are reproducible like torchvision's."""
+    """Run a transform that draws from Python's `random` and NumPy's global RNG (timm's RandAugment picks its ops with
+    `np.random.choice` and their magnitudes with `random`; AugMix draws from both) under seeds drawn from torch's RNG,
+    which the data pipeline seeds per sample: an augmented sample is the same whatever was drawn before it (worker
+    count, resume point), like torchvision's."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
 
     def __call__(self, img):
-        state = random.getstate()
-        random.seed(int(torch.randint(0, 2 ** 31 - 1, ())))
+        py_seed, np_seed = (int(s) for s in torch.randint(0, 2 ** 31 - 1, (2,)))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(py_seed)
+        np.random.seed(np_seed)
         try:
             return self.transform(img)
         finally:
-            random.setstate(state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class PosterizeBits:
+    """A posterize op's level function with its bit count kept in [1, 8], the range Pillow >= 13 accepts.
+
+    timm's level functions reach 0 bits ('PosterizeIncreasing' at magnitude 10, which `rand-m9-mstd0.5` draws for
+    about 2% of its magnitudes; 'Posterize' below magnitude 2.5) and below 0 past `mmax` 10; older Pillow turned 0 bits
+    into a black image, Pillow 13 raises. Every valid count passes unchanged, and the op draws the same random numbers,
+    so only the draws that used to crash change: they keep 1 bit, the strongest posterize Pillow allows."""
+
+    def __init__(self, level_fn: Callable):
+        self.level_fn = level_fn  # timm's module-level function: the wrapper pickles into DataLoader workers
+
+    def __call__(self, magnitude: float, hparams: dict) -> tuple[int]:
+        (bits,) = self.level_fn(magnitude, hparams)
+        return (min(8, max(1, int(bits))),)
+
+
+def pillow_safe(transform: Callable) -> int:
+    """Keep every posterize op of the timm auto-augmentations (RandAugment, AutoAugment, AugMix) in `transform` (one
+    of them, or a Compose of transforms) in Pillow's range (`PosterizeBits`), in place. Returns the number of
+    posterize ops it covers. The other ops of timm 1.0's policies take any magnitude on an RGB image
+    (tests/test_transforms.py)."""
+    found = 0
+    for t in transform.transforms if isinstance(transform, T.Compose) else [transform]:
+        if isinstance(t, (auto_augment.RandAugment, auto_augment.AugMixAugment)):
+            ops = t.ops
+        elif isinstance(t, auto_augment.AutoAugment):
+            ops = [op for sub_policy in t.policy for op in sub_policy]
+        else:
+            continue
+        for op in ops:
+            if op.aug_fn is auto_augment.posterize:
+                if not isinstance(op.level_fn, PosterizeBits):
+                    op.level_fn = PosterizeBits(op.level_fn)
+                found += 1
+    return found
+
+
+def finetune_transform(data: EvalDataConfig, ft: FinetuneOptions) -> PythonSeeded:
+    """timm's ImageNet training pipeline, the MAE/BEiT fine-tuning augmentation: RandomResizedCrop (bicubic), flip,
+    the `ft.auto_augment` policy (or colour jitter 0.4 without one), normalize, random erasing (`ft.re_prob`, pixel
+    mode). Posterize kept in Pillow's range (`pillow_safe`); seeded per sample (`PythonSeeded`). `data` needs its
+    img_size, mean and std resolved (the source's, once `follow_source` ran)."""
+    t = create_transform(data.img_size, is_training=True, scale=tuple(data.crop_scale),
+                         hflip=0.5 if data.hflip else 0.0, auto_augment=ft.auto_augment or None,
+                         color_jitter=None if ft.auto_augment else 0.4, interpolation="bicubic", re_prob=ft.re_prob,
+                         re_mode="pixel", re_count=1, mean=tuple(data.mean), std=tuple(data.std))
+    pillow_safe(t)
+    return PythonSeeded(t)

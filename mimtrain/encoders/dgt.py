@@ -13,6 +13,7 @@ for few tokens, dense logits are masked to each query's group keys.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -201,26 +202,32 @@ class DGAttention(GlobalAttention):
         self.topk = topk
         self.centroid_tau = centroid_tau
         self.update_armed: bool | None = None  # None: no step hook, update every training forward (see above)
+        # Activation checkpointing re-runs forward in backward: that rerun must see the centroids the forward saw
+        # (before its own update) and must not update again. `replay` holds them during the rerun (`DGT`).
+        self.replay: Tensor | None = None
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_groups, self.head_dim), dim=-1))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, N, C] -> [B, N, C]."""
         q, k, v, scale = self._qkv(x)
         N = x.shape[1]
+        centroids = self.centroids if self.replay is None else self.replay
+        update = self._take_update()
         if self.topk >= N:
             # Every group would select every key: exactly global attention, computed directly.
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            if self._take_update():
-                self._update_centroids(q, nearest_centroid(q, self.centroids))
+            if update:
+                self._update_centroids(q, nearest_centroid(q, centroids))
             return self._merge(out)
-        out, assign = dynamic_group_attention(q, k, v, self.centroids, self.topk, scale)
-        if self._take_update():
+        out, assign = dynamic_group_attention(q, k, v, centroids, self.topk, scale)
+        if update:
             self._update_centroids(q, assign)
         return self._merge(out)
 
     def _take_update(self) -> bool:
-        """Whether this forward updates the centroids (training only; at most once per armed step)."""
-        if not self.training or self.update_armed is False:
+        """Whether this forward updates the centroids (training only; at most once per armed step; never in a
+        checkpointing rerun)."""
+        if not self.training or self.update_armed is False or self.replay is not None:
             return False
         if self.update_armed:
             self.update_armed = False
@@ -238,6 +245,18 @@ class DGAttention(GlobalAttention):
         tau = self.centroid_tau
         new = F.normalize(tau * self.centroids.float() + (1 - tau) * mean, dim=-1)
         self.centroids.copy_(torch.where(counts[..., None] > 0, new, self.centroids.float()))
+
+
+@contextmanager
+def _replaying(seen: dict[DGAttention, Tensor], inner):
+    for m, centroids in seen.items():
+        m.replay = centroids
+    try:
+        with inner:
+            yield
+    finally:
+        for m in seen:
+            m.replay = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,6 +349,9 @@ class DGT(timm_glue.TimmNative, nn.Module):
 
     # The hidden head_fc between the pooled features and the classifier is part of the head.
     classifier_modules = ("head", "head_fc")  # `base.classifier_keys`: what a new task replaces
+    pretraining_only = ("mask_token",)  # SimMIM's; a classifier (num_classes > 0) has none
+    script_limits = fx_limits = ("data-dependent control flow: DG-attention picks its query layout and block count "
+                                 "from the token count, and updates its centroids in place")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  stem_dim: int = 32, dims: tuple[int, ...] = (64, 128, 256, 512),
@@ -371,15 +393,17 @@ class DGT(timm_glue.TimmNative, nn.Module):
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(dims[-1])
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stages.{i}") for i in range(4)]
-        self.mask_token = nn.Parameter(torch.zeros(dims[0]))
+        self.mask_token = nn.Parameter(torch.zeros(dims[0])) if num_classes == 0 else None
 
         # Head (Table 1): FC to 1280, then the classifier.
-        self.head_fc = nn.Linear(dims[-1], head_hidden)
-        self.head_act = nn.GELU()
+        # Pretraining (num_classes=0) has no use for the hidden FC: only a classifier holds it.
+        self.head_fc = nn.Linear(dims[-1], head_hidden) if num_classes > 0 else nn.Identity()
+        self.head_act = nn.GELU() if num_classes > 0 else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(head_hidden, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        trunc_normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -394,7 +418,7 @@ class DGT(timm_glue.TimmNative, nn.Module):
                 nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_token"} | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
+        return self._mask_token_name() | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer-wise lr decay: stem 0, then the blocks stage by stage (a downsampler joins the first block after
@@ -407,6 +431,18 @@ class DGT(timm_glue.TimmNative, nn.Module):
             if isinstance(m, DGAttention):
                 m.centroid_tau = tau
 
+    @property
+    def head_hidden_size(self) -> int:
+        hidden = self.head_fc  # the classifier follows the hidden FC (Table 1), which only a classifier has
+        return hidden.out_features if isinstance(hidden, nn.Linear) else self.num_features
+
+    def _recompute_context(self, block: nn.Module) -> tuple:
+        """A checkpointed block's rerun in backward uses the centroids its forward saw (the forward updates them in
+        place, and later forwards may too) and updates nothing."""
+        seen = {m: m.centroids.clone() for m in block.modules() if isinstance(m, DGAttention)}
+        forward, rerun = super()._recompute_context(block)
+        return forward, _replaying(seen, rerun)
+
     def on_step(self, step: int, lr: float) -> None:
         """Engine hook before each optimizer step: Eq. 4's tau follows the learning rate (tau = 0.1 x lr), and each
         DG-attention layer may update its centroids once in this step (the paper's once per iteration), whatever
@@ -417,6 +453,7 @@ class DGT(timm_glue.TimmNative, nn.Module):
                 m.update_armed = True
 
     def _check_input(self, x: Tensor) -> None:
+        self._refuse_fx(x)
         H, W = x.shape[-2:]
         if H % 32 or W % 32:
             raise ValueError(f"DGT input {H}x{W} must be a multiple of 32 (its output stride)")
@@ -428,36 +465,35 @@ class DGT(timm_glue.TimmNative, nn.Module):
         """
         self._check_input(x)
         x = self.stem(blank_hidden_pixels(x, mask))
-        x = fill_tokens(self.stages[0].downsample(x), mask, self.mask_token)
-        x = self.stages[0].blocks(x)
+        x = fill_tokens(self.stages[0].downsample(x), mask, self._mask_token())
+        x = self._run_blocks(self.stages[0].blocks, x)
         for stage in self.stages[1:]:
-            x = stage(x)
+            x = self._run_blocks(stage.blocks, stage.downsample(x))
         return self._final_norm(x)
 
     def _final_norm(self, x: Tensor) -> Tensor:
         """LayerNorm over channels of the stage-4 map. x: [B, C, H, W] -> [B, C, H, W]."""
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] -> [[B, C1, H/4, W/4], ..., [B, C4, H/32, W/32]] (last one normalised), unmasked."""
         self._check_input(x)
         x = self.stem(x)
         feats = []
         for stage in self.stages:
-            x = stage(x)
+            x = self._run_blocks(stage.blocks, stage.downsample(x))
             feats.append(x)
         feats[-1] = self._final_norm(feats[-1])
         return feats
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Global average pool of the stage-4 map -> FC 1280 -> classifier: [B, num_classes].
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """x: [B, C4, h, w] stage-4 map -> global average pool -> FC 1280 -> classifier: [B, num_classes].
 
-        pre_logits returns the pooled encoder features [B, C4] (what pretraining trains; the 1280 FC is not).
+        pre_logits returns what feeds the classifier, [B, head_hidden_size] (timm's meaning, as its MobileNetV3 with
+        a hidden head FC); the pooled encoder features are `forward_features(x).mean((2, 3))`.
         """
-        x = feats[-1].mean(dim=(2, 3))
-        if pre_logits:
-            return x
-        return self.head(self.head_drop(self.head_act(self.head_fc(x))))
+        x = self.head_drop(self.head_act(self.head_fc(x.mean(dim=(2, 3)))))
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

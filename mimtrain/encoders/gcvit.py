@@ -45,6 +45,9 @@ class GCViTEncoder(timm_glue.TimmNative, nn.Module):
     """
 
     classifier_modules = ("gcvit.head",)  # `base.classifier_keys`: what a new task replaces
+    pretraining_only = ("mask_token",)  # SimMIM's; a classifier (num_classes > 0) has none
+    script_limits = fx_limits = ("shape-dependent control flow: the input-size check and timm's global query "
+                                 "generator branch on tensor shapes in Python")
 
     patch_size = 4  # the stem's stride
 
@@ -66,11 +69,18 @@ class GCViTEncoder(timm_glue.TimmNative, nn.Module):
         self.num_prefix_tokens = 0
         self.embed_dim = self.gcvit.num_features
         self.feature_info = [dict(info, module=f"gcvit.{info['module']}") for info in self.gcvit.feature_info]
-        self.mask_token = nn.Parameter(torch.zeros(embed_dim))
-        trunc_normal_(self.mask_token, std=0.02)
+        self.mask_token = None
+        if num_classes == 0:
+            self.mask_token = nn.Parameter(torch.zeros(embed_dim))
+            trunc_normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"gcvit.{n}" for n in self.gcvit.no_weight_decay()} | {"mask_token"}
+        return {f"gcvit.{n}" for n in self.gcvit.no_weight_decay()} | self._mask_token_name()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own per-stage checkpointing (each block of every stage)."""
+        super().set_grad_checkpointing(enable)
+        self.gcvit.set_grad_checkpointing(enable)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer-wise lr decay: stem 0, then the blocks stage by stage. The downsampler and the global query
@@ -83,6 +93,7 @@ class GCViTEncoder(timm_glue.TimmNative, nn.Module):
         return resize_rel_pos_tables(state_dict, self)
 
     def _check_size(self, x: Tensor) -> None:
+        self._refuse_fx(x)
         # timm's global queries are one window large only at the size the model was built for; fail clearly instead
         # of with a reshape error deep inside attention.
         if tuple(x.shape[-2:]) != self.img_size:
@@ -102,16 +113,16 @@ class GCViTEncoder(timm_glue.TimmNative, nn.Module):
         """x: [B, 3, H, W]; mask: [B, H/u, W/u] (True = hidden) -> [B, 8C, H/32, W/32]."""
         self._check_size(x)
         tokens = self.gcvit.stem(blank_hidden_pixels(x, mask))  # [B, C, H/4, W/4]
-        return self._stages(fill_tokens(tokens, mask, self.mask_token))[-1]
+        return self._stages(fill_tokens(tokens, mask, self._mask_token()))[-1]
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] -> [[B, C, H/4, W/4], [B, 2C, H/8, W/8], [B, 4C, H/16, W/16], [B, 8C, H/32, W/32]]."""
         self._check_size(x)
         return self._stages(self.gcvit.stem(x))
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Average-pooled last map -> logits [B, num_classes] (or the pooled [B, C] with pre_logits)."""
-        return self.gcvit.forward_head(feats[-1], pre_logits=pre_logits)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """x: [B, C, h, w] last map -> average pool -> logits [B, num_classes] (or the pooled [B, C])."""
+        return self.gcvit.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -226,6 +226,8 @@ class GLNet(timm_glue.TimmNative, nn.Module):
     """
 
     classifier_modules = ("head",)  # `base.classifier_keys`: what a new task replaces
+    pretraining_only = ("mask_token",)  # SimMIM's; a classifier (num_classes > 0) has none
+    script_limits = "GLMix blocks keep their slot assignment as module state for `slot_maps`"
 
     patch_size = 4
     num_prefix_tokens = 0
@@ -255,7 +257,7 @@ class GLNet(timm_glue.TimmNative, nn.Module):
         else:
             self.patch_embed = PatchEmbed(None, self.patch_size, 3, embed_dim, norm_layer=LayerNorm,
                                           output_fmt="NHWC", strict_img_size=False)
-        self.mask_token = nn.Parameter(torch.zeros(embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if num_classes == 0 else None
         n_blocks = sum(depths)
         rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear, as Swin
         block_kwargs = dict(mlp_ratio=mlp_ratio, conv_pos=conv_pos, conv_ffn=conv_ffn, num_slots=num_slots,
@@ -273,10 +275,11 @@ class GLNet(timm_glue.TimmNative, nn.Module):
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"stages.{i}") for i in range(3)]
         self.feature_info.append(dict(num_chs=dims[-1], reduction=32, module="norm"))
         self.apply(partial(init_weights_vit_timm, needs_reset=False))  # trunc-normal Linear, zero bias
-        trunc_normal_(self.mask_token, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_token"} | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
+        return self._mask_token_name() | {n for n, _ in self.named_parameters() if n.endswith("logit_scale")}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer-wise lr decay: stem 0, then the blocks stage by stage (a downsampler joins the first block after
@@ -293,13 +296,13 @@ class GLNet(timm_glue.TimmNative, nn.Module):
         if isinstance(self.patch_embed, OverlapStem):
             # The stem's 3x3 convs straddle cell borders: blank hidden pixels so visible tokens never see them.
             x = blank_hidden_pixels(x, mask)
-        return fill_tokens(self.patch_embed(x), mask, self.mask_token, channels_last=True)
+        return fill_tokens(self.patch_embed(x), mask, self._mask_token(), channels_last=True)
 
     def _features(self, t: Tensor) -> list[Tensor]:
         """t: [B, H/4, W/4, C] -> 4 NCHW maps at strides 4, 8, 16, 32 (the last one normalised)."""
         feats = []
         for i, stage in enumerate(self.stages):
-            t = stage(t)
+            t = self._run_blocks(stage.blocks, stage.downsample(t))
             feats.append(_nchw(self.norm(t) if i == 3 else t).contiguous())
         return feats
 
@@ -307,17 +310,28 @@ class GLNet(timm_glue.TimmNative, nn.Module):
         """SimMIM forward. x: [B, 3, H, W]; mask: [B, H/u, W/u], True = hidden -> [B, 8C, H/32, W/32]."""
         return self._features(self._tokens(x, mask))[-1]
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] -> [[B, C, H/4, W/4], [B, 2C, H/8, W/8], [B, 4C, H/16, W/16], [B, 8C, H/32, W/32]]."""
         return self._features(self._tokens(x, None))
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Global average pool of the last map -> [B, num_classes] (or [B, 8C] with pre_logits)."""
-        x = self.head_drop(feats[-1].mean(dim=(2, 3)))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """x: [B, 8C, h, w] last map -> global average pool -> [B, num_classes] (or [B, 8C] with pre_logits)."""
+        x = self.head_drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def extra_views(self, images: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Where each semantic slot looks, for the first image: {"slot_maps": [M, 1, h, w]}, each scaled to max 1."""
+        was_training = self.training
+        self.eval()  # no drop path, no RNG draws: logging must not change the training run
+        try:
+            maps = self.slot_maps(images[:1], mask[:1])[0].float()  # [M, h, w], sums to 1 per slot
+        finally:
+            self.train(was_training)
+        return {"slot_maps": (maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))[:, None]}
 
     @torch.no_grad()
     def slot_maps(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

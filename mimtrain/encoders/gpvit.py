@@ -198,10 +198,14 @@ class GroupPropagationBlock(nn.Module):
 class GPViT(timm_glue.TimmNative, nn.Module):
     """GPViT encoder + the mimtrain encoder contract (fill mode only; see `encoders/base.py`).
 
-    One stride-8 feature map (`feature_info`); `forward_pyramid` derives strides 4/8/16/32 from it for dense heads.
+    Plain: every level is at stride 8, one per block (`feature_info`, as timm's ViT; the last one the final normed
+    map); `forward_pyramid` derives strides 4/8/16/32 from the final map for dense heads.
     """
 
     classifier_modules = ("head",)  # `base.classifier_keys`: what a new task replaces
+    pretraining_only = ("mask_token",)  # SimMIM's; a classifier (num_classes > 0) has none
+    script_limits = fx_limits = ("shape-dependent control flow: LePE strips pad the token grid by its size, and the "
+                                 "position table is resized when the input size differs")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 8, embed_dim: int = 216,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, strip_size: int = 2,
@@ -229,7 +233,7 @@ class GPViT(timm_glue.TimmNative, nn.Module):
 
         self.stem = ConvStem(embed_dim, patch_size, stem_chs)
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *self.grid_size))
-        self.mask_token = nn.Parameter(torch.zeros(embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if num_classes == 0 else None
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # plain floats: meta-device safe
         groups = dict(zip(gp_positions, group_nums))
         self.blocks = nn.ModuleList([
@@ -238,7 +242,8 @@ class GPViT(timm_glue.TimmNative, nn.Module):
             else LocalBlock(embed_dim, num_heads, strip_size, mlp_ratio, dpr[i])
             for i in range(depth)])
         self.norm = LayerNorm(embed_dim)
-        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}")
+                             for i in range(depth - 1)] + [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
         self.pyramid_info = [dict(num_chs=embed_dim, reduction=patch_size * f) for f in (0.5, 1, 2, 4)]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -250,8 +255,9 @@ class GPViT(timm_glue.TimmNative, nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for name in ("pos_embed", "mask_token"):
-            trunc_normal_(getattr(self, name), std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
         for blk in self.blocks:
             if isinstance(blk, GroupPropagationBlock):
                 trunc_normal_(blk.group_tokens, std=0.02)
@@ -267,7 +273,7 @@ class GPViT(timm_glue.TimmNative, nn.Module):
         return dict(stem=r"^(?:stem|pos_embed|mask_token)", blocks=r"^blocks\.(\d+)\.")
 
     def no_weight_decay(self) -> set[str]:
-        names = {"pos_embed", "mask_token"}
+        names = {"pos_embed"} | self._mask_token_name()
         return names | {f"blocks.{i}.group_tokens" for i, b in enumerate(self.blocks)
                         if isinstance(b, GroupPropagationBlock)}
 
@@ -289,13 +295,19 @@ class GPViT(timm_glue.TimmNative, nn.Module):
                                          align_corners=False).to(value.dtype)
         return out
 
-    def _transform(self, tokens: Tensor) -> Tensor:
-        """tokens: [B, C, h, w] stem output (hidden positions already filled) -> final map [B, C, h, w]."""
+    def _transform(self, tokens: Tensor, every_block: bool = False) -> list[Tensor]:
+        """tokens: [B, C, h, w] stem output (hidden positions already filled) -> [final map [B, C, h, w]], or with
+        every_block each block's output map, the last one after the final norm."""
+        self._refuse_fx(tokens)
         B, C, h, w = tokens.shape
         x = (tokens + self._pos_embed((h, w)).to(tokens.dtype)).flatten(2).transpose(1, 2)  # [B, N, C]
+        maps = []
         for blk in self.blocks:
-            x = blk(x, (h, w))
-        return self.norm(x).transpose(1, 2).reshape(B, C, h, w)
+            x = self._run_block(blk, x, (h, w))
+            if every_block:
+                maps.append(x)
+        maps = maps[:-1] + [self.norm(x)]
+        return [m.transpose(1, 2).reshape(B, C, h, w) for m in maps]
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: [B, 3, H, W]; mask: [B, H/u, W/u] (True = hidden) -> [B, C, H/8, W/8].
@@ -304,11 +316,15 @@ class GPViT(timm_glue.TimmNative, nn.Module):
         tokens then become the learned mask token (SimMIM).
         """
         tokens = self.stem(blank_hidden_pixels(x, mask))
-        return self._transform(fill_tokens(tokens, mask, self.mask_token))
+        return self._transform(fill_tokens(tokens, mask, self._mask_token()))[-1]
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> [[B, C, H/8, W/8]], unmasked."""
-        return [self._transform(self.stem(x))]
+    def forward_features(self, x: Tensor) -> Tensor:
+        """x: [B, 3, H, W] -> [B, C, H/8, W/8], unmasked."""
+        return self._transform(self.stem(x))[-1]
+
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] -> depth maps [B, C, H/8, W/8], one per block (the last one normed)."""
+        return self._transform(self.stem(x), every_block=True)
 
     def forward_pyramid(self, x: Tensor) -> list[Tensor]:
         """Simple parameter-free feature pyramid for dense heads (ViTDet-style, from the single stride-8 map).
@@ -317,15 +333,15 @@ class GPViT(timm_glue.TimmNative, nn.Module):
         bilinear x2 upsampling, identity, 2x2 and 4x4 max-pooling. Learned up-sampling (deconvs) belongs in the
         dense neck, so that the encoder's parameter count and checkpoint stay those of the classification model.
         """
-        f = self.forward_features(x)[-1]
+        f = self.forward_features(x)
         up = F.interpolate(f, scale_factor=2, mode="bilinear", align_corners=False)
         down2 = F.max_pool2d(f, 2, ceil_mode=True)
         down4 = F.max_pool2d(f, 4, ceil_mode=True)
         return [up, f, down2, down4]
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Global average of the final stride-8 map (the paper's output) -> logits [B, num_classes]."""
-        x = self.head_drop(feats[-1].mean(dim=(2, 3)))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average of the final stride-8 map [B, C, h, w] (the paper's output) -> logits [B, num_classes]."""
+        x = self.head_drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:

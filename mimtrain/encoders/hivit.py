@@ -66,7 +66,9 @@ class RelPosBlock(Block):
     def forward(self, x: Tensor, rel_index: Tensor) -> Tensor:
         """x: [B, N, C]; rel_index: [B or 1, N, N] long offsets into the table -> [B, N, C]."""
         bias = self.relative_position_bias_table[rel_index].permute(0, 3, 1, 2)  # [B, heads, N, N]
-        return super().forward(x, attn_mask=bias.to(x.dtype))
+        # timm's Block.forward with the bias as attention mask (written out: TorchScript has no super()).
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias.to(x.dtype))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class HiViT(timm_glue.TimmNative, nn.Module):
@@ -84,14 +86,15 @@ class HiViT(timm_glue.TimmNative, nn.Module):
         fixed_pos_embed: absolute position embedding as a frozen 2-D sin-cos table (MAE's layout) instead of a
             learned one.
 
-    Built with a head (num_classes > 0) it is MAE's fine-tuning classifier: average of the stride-16 tokens before
-    the pretrained final norm, a fresh `fc_norm`, head weights drawn with std 2e-5.
+    Built with a head (num_classes > 0) it is MAE's fine-tuning classifier: average of the stride-16 tokens, a fresh
+    `fc_norm` in place of the pretrained final norm (which the classifier does not have), a learnable position table
+    (initialised from the fixed one or the checkpoint), no mask token, head weights drawn with std 2e-5.
     """
 
     # MAE's fine-tuning fc_norm is part of the head.
     classifier_modules = ("head", "fc_norm")  # `base.classifier_keys`: what a new task replaces
 
-    hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
+    pretraining_only = ("mask_token", "norm.")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, dims: tuple[int, int, int] = (128, 256, 512),
                  depths: tuple[int, int, int] = (2, 2, 20), num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -109,6 +112,7 @@ class HiViT(timm_glue.TimmNative, nn.Module):
             raise ValueError(f"HiViT drop mode removes whole {CELL}x{CELL} main-stage tokens: mask_unit must be a "
                              f"multiple of {CELL}, got {mask_unit} (use mask_mode='fill' for finer masks)")
         self.patch_size, self.mask_unit, self.mask_mode = PATCH, mask_unit, mask_mode
+        self.cell_tokens = CELL // PATCH  # stride-4 tokens per main-stage cell side
         self.embed_dim = self.num_features = dims[2]
         self.num_prefix_tokens = 0
         self.num_classes = num_classes
@@ -121,21 +125,22 @@ class HiViT(timm_glue.TimmNative, nn.Module):
         dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear in depth, as Swin
         self.patch_embed = PatchEmbed(img_size=None, patch_size=PATCH, embed_dim=dims[0], norm_layer=LayerNorm,
                                       flatten=False, output_fmt="NHWC")
-        self.mask_token = nn.Parameter(torch.zeros(dims[0])) if mask_mode == "fill" else None
+        classifier = num_classes > 0
+        self.mask_token = nn.Parameter(torch.zeros(dims[0])) if mask_mode == "fill" and not classifier else None
         self.stage1 = nn.Sequential(*[MlpBlock(dims[0], stem_mlp_ratio, d) for d in dpr[:depths[0]]])
         self.merge1 = PatchMerging(dims[0], dims[1], norm_layer=LayerNorm)
         self.stage2 = nn.Sequential(*[MlpBlock(dims[1], stem_mlp_ratio, d) for d in dpr[depths[0]:sum(depths[:2])]])
         self.merge2 = PatchMerging(dims[1], dims[2], norm_layer=LayerNorm)
 
         self.pos_embed = nn.Parameter(torch.zeros(self.grid_size[0] * self.grid_size[1], dims[2]),
-                                      requires_grad=not fixed_pos_embed)
+                                      requires_grad=classifier or not fixed_pos_embed)
         self.register_buffer("rel_index", gen_relative_position_index(self.grid_size), persistent=False)
         self.blocks = nn.ModuleList([
             RelPosBlock(dims[2], num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=d,
                         norm_layer=LayerNorm) for d in dpr[sum(depths[:2]):]])
-        self.norm = LayerNorm(dims[2])
-        # MAE fine-tuning: the pooled tokens get a fresh LayerNorm; the pretrained final norm is bypassed.
-        self.fc_norm = LayerNorm(dims[2]) if num_classes > 0 else nn.Identity()
+        # MAE fine-tuning: the pooled tokens get a fresh LayerNorm in place of the pretrained final norm.
+        self.norm = nn.Identity() if classifier else LayerNorm(dims[2])
+        self.fc_norm = LayerNorm(dims[2]) if classifier else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[2], num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(fixed_pos_embed)
@@ -156,11 +161,6 @@ class HiViT(timm_glue.TimmNative, nn.Module):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=2e-5)  # MAE's fine-tuning head
 
-    def unused_by_classifier(self) -> list[nn.Module]:
-        """Modules `forward` skips when the model classifies with average pooling (the pretrained final norm):
-        fine-tuning freezes them so that DDP sees no parameter without a gradient."""
-        return [self.norm] if isinstance(self.fc_norm, LayerNorm) else []
-
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters()
                 if n in ("pos_embed", "mask_token") or n.endswith("relative_position_bias_table")}
@@ -179,10 +179,13 @@ class HiViT(timm_glue.TimmNative, nn.Module):
     # -- the algorithm, in order ---------------------------------------------------------------------------------
 
     def _check_size(self, x: Tensor) -> None:
-        grid = (x.shape[-2] // CELL, x.shape[-1] // CELL)
-        if grid != self.grid_size or x.shape[-2] % CELL or x.shape[-1] % CELL:
-            raise ValueError(f"input {tuple(x.shape[-2:])} does not match the HiViT built for "
-                             f"{self.grid_size[0] * CELL}x{self.grid_size[1] * CELL} (position tables are per grid)")
+        # Scripted and fx-traced graphs hold no Python check (the input shape is symbolic there); export sees it.
+        if not torch.jit.is_scripting():
+            if not isinstance(x, torch.fx.Proxy) and tuple(x.shape[-2:]) != (self.grid_size[0] * CELL,
+                                                                             self.grid_size[1] * CELL):
+                raise ValueError(f"input {tuple(x.shape[-2:])} does not match the HiViT built for "
+                                 f"{self.grid_size[0] * CELL}x{self.grid_size[1] * CELL} (position tables are per "
+                                 "grid)")
 
     def _pixel_cells(self, x: Tensor, keep: Tensor) -> Tensor:
         """x: [B, 3, H, W]; keep: [B, n] cell ids in raster order -> [B*n, 3, 16, 16], the kept cells' pixels."""
@@ -195,7 +198,7 @@ class HiViT(timm_glue.TimmNative, nn.Module):
     def _token_cells(self, tokens: Tensor) -> Tensor:
         """Regroup stride-4 tokens by main-stage cell. tokens: [B, H/4, W/4, C] -> [B*N, 4, 4, C]."""
         B, C = tokens.shape[0], tokens.shape[-1]
-        (gh, gw), k = self.grid_size, CELL // PATCH
+        (gh, gw), k = self.grid_size, self.cell_tokens
         return tokens.reshape(B, gh, k, gw, k, C).transpose(2, 3).reshape(B * gh * gw, k, k, C)
 
     def _cells_to_map(self, t: Tensor, batch: int) -> Tensor:
@@ -208,11 +211,16 @@ class HiViT(timm_glue.TimmNative, nn.Module):
 
         t: [B*n, 4, 4, C0] -> (stage 1 [B*n, 4, 4, C0], stage 2 [B*n, 2, 2, C1], main-stage input [B*n, C2]).
         """
-        s1 = self.stage1(t)
-        s2 = self.stage2(self.merge1(s1))
+        # Loops written out (not `_run_blocks`) so that torch.jit.script compiles them.
+        s1 = t
+        for blk in self.stage1:
+            s1 = self._run_block(blk, s1) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(s1)
+        s2 = self.merge1(s1)
+        for blk in self.stage2:
+            s2 = self._run_block(blk, s2) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(s2)
         return s1, s2, self.merge2(s2).flatten(1)
 
-    def _main_stage(self, x: Tensor, keep: Tensor | None, final_norm: bool = True) -> Tensor:
+    def _main_stage(self, x: Tensor, keep: Tensor | None) -> Tensor:
         """x: [B, n, C] main-stage tokens at the cells `keep` ([B, n]; None = all, raster order) -> [B, n, C]."""
         if keep is None:
             x, rel_index = x + self.pos_embed, self.rel_index[None]
@@ -220,8 +228,11 @@ class HiViT(timm_glue.TimmNative, nn.Module):
             x = x + self.pos_embed[keep]
             rel_index = self.rel_index[keep[:, :, None], keep[:, None, :]]  # [B, n, n]: offsets among kept cells
         for blk in self.blocks:
-            x = blk(x, rel_index)
-        return self.norm(x) if final_norm else x
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = self._run_block(blk, x, rel_index)
+            else:
+                x = blk(x, rel_index)
+        return self.norm(x)
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: [B, 3, H, W]; mask: [B, H/u, W/u] (True = hidden).
@@ -231,6 +242,9 @@ class HiViT(timm_glue.TimmNative, nn.Module):
         self._check_size(x)
         B = x.shape[0]
         if self.mask_mode == "fill":
+            if self.mask_token is None:
+                raise ValueError("this HiViT was built as a classifier (num_classes > 0), which has no mask token; "
+                                 "build it with num_classes=0 to pretrain")
             tokens = fill_tokens(self.patch_embed(x), mask, self.mask_token, channels_last=True)
             _, _, t = self._hierarchical_embed(self._token_cells(tokens))
             out = self._main_stage(t.view(B, -1, self.embed_dim), None)
@@ -242,24 +256,24 @@ class HiViT(timm_glue.TimmNative, nn.Module):
         _, _, t = self._hierarchical_embed(self.patch_embed(self._pixel_cells(x, keep)))
         return self._main_stage(t.view(B, keep.shape[1], self.embed_dim), keep)
 
-    def forward_features(self, x: Tensor, final_norm: bool = True) -> list[Tensor]:
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] -> [[B, C0, H/4, W/4], [B, C1, H/8, W/8], [B, C2, H/16, W/16]], unmasked (the last after
-        the final norm unless final_norm=False)."""
+        the final norm, none in a classifier)."""
         self._check_size(x)
         B = x.shape[0]
         s1, s2, t = self._hierarchical_embed(self._token_cells(self.patch_embed(x)))
-        out = self._main_stage(t.view(B, -1, self.embed_dim), None, final_norm)
+        out = self._main_stage(t.view(B, -1, self.embed_dim), None)
         s3 = out.transpose(1, 2).reshape(B, self.embed_dim, *self.grid_size)
         return [self._cells_to_map(s1, B), self._cells_to_map(s2, B), s3]
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Average pool of the stride-16 map -> fc_norm -> logits (MAE fine-tuning's global pool)."""
-        x = self.head_drop(self.fc_norm(feats[-1].mean(dim=(2, 3))))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """x: [B, C, h, w] stride-16 map -> average pool -> fc_norm -> logits (MAE fine-tuning's global pool)."""
+        x = self.head_drop(self.fc_norm(x.mean(dim=(2, 3))))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """As a classifier (num_classes > 0), MAE's: pool the blocks' output without the pretrained final norm."""
-        return self.forward_head(self.forward_features(x, final_norm=isinstance(self.fc_norm, nn.Identity)))
+        """As a classifier (num_classes > 0), MAE's: pool the blocks' output (the classifier has no final norm)."""
+        return self.forward_head(self.forward_features(x))
 
 
 def _hivit(defaults: dict, kwargs: dict) -> HiViT:

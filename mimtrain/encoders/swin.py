@@ -68,6 +68,7 @@ class SwinEncoder(timm_glue.TimmNative, nn.Module):
     """
 
     classifier_modules = ("swin.head",)  # `base.classifier_keys`: what a new task replaces
+    pretraining_only = ("mask_token",)  # SimMIM's; a classifier (num_classes > 0) has none
 
     def __init__(self, img_size: int | tuple[int, int] = 192, patch_size: int = 4, window_size: int = 6,
                  embed_dim: int = 128, depths: tuple[int, ...] = (2, 2, 18, 2),
@@ -90,11 +91,18 @@ class SwinEncoder(timm_glue.TimmNative, nn.Module):
         self.embed_dim = self.swin.num_features
         self.feature_info = [dict(info, module=f"swin.{info['module']}") for info in self.swin.feature_info]
         self.feature_info[-1]["module"] = "swin.norm"  # the last map is returned after the final norm
-        self.mask_token = nn.Parameter(torch.zeros(self.swin.patch_embed.proj.out_channels))
-        trunc_normal_(self.mask_token, std=0.02)
+        self.mask_token = None
+        if num_classes == 0:
+            self.mask_token = nn.Parameter(torch.zeros(self.swin.patch_embed.proj.out_channels))
+            trunc_normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"swin.{n}" for n in self.swin.no_weight_decay()} | {"mask_token"}
+        return {f"swin.{n}" for n in self.swin.no_weight_decay()} | self._mask_token_name()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own per-stage checkpointing (each block of every stage)."""
+        super().set_grad_checkpointing(enable)
+        self.swin.set_grad_checkpointing(enable)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer-wise lr decay: patch embedding 0, then the blocks stage by stage (a patch merging joins the first
@@ -120,16 +128,16 @@ class SwinEncoder(timm_glue.TimmNative, nn.Module):
 
         The mask token replaces hidden patch embeddings (after the patch-embedding norm, as in SimMIM).
         """
-        tokens = fill_tokens(self.swin.patch_embed(x), mask, self.mask_token, channels_last=True)
+        tokens = fill_tokens(self.swin.patch_embed(x), mask, self._mask_token(), channels_last=True)
         return self._stages(tokens)[-1]
 
-    def forward_features(self, x: Tensor) -> list[Tensor]:
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
         """x: [B, 3, H, W] -> [[B, C0, H/4, W/4], [B, 2C0, H/8, W/8], [B, 4C0, H/16, W/16], [B, 8C0, H/32, W/32]]."""
         return self._stages(self.swin.patch_embed(x))
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Average-pooled last map -> logits [B, num_classes] (or the pooled [B, C] with pre_logits)."""
-        return self.swin.forward_head(feats[-1].permute(0, 2, 3, 1), pre_logits=pre_logits)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """x: [B, C, h, w] last map -> average pool -> logits [B, num_classes] (or the pooled [B, C])."""
+        return self.swin.forward_head(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -3,8 +3,8 @@ our exports, `features_only`, `forward_intermediates`, and the classifier API.
 
 Each encoder file lists its `default_cfgs` (timm reads that module attribute when `register_model` runs) and registers
 its factories with `@timm_glue.register`; `TimmNative` is a base class that adds what timm expects of a model on top of
-the encoder contract of `base.py`. Our `forward_features` keeps our meaning (a list of NCHW maps, one per
-`feature_info` entry) and `forward_head` takes that list, so `forward_head(forward_features(x))` holds as in timm.
+the encoder contract of `base.py`, with timm's meanings: `forward_features` is the final map, `forward_head` pools it,
+`forward_intermediates` gives every `feature_info` level.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretra
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import Tensor, nn
 
-from mimtrain.encoders.base import classifier_keys
+from mimtrain.encoders.base import EncoderBase, classifier_keys
 
 _logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def cfg(first_conv: str, classifier: str, img_size: int = 224, **overrides) -> d
     """
     return dict(url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None, crop_pct=0.875,
                 interpolation="bicubic", fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                first_conv=first_conv, classifier=classifier, **overrides)
+                first_conv=first_conv, classifier=classifier, license="apache-2.0", hf_hub_id="", **overrides)
 
 
 def default_cfgs(cfgs: dict[str, dict]) -> dict:
@@ -118,10 +118,13 @@ def _grid(model: nn.Module) -> tuple[int, int]:
 def fit_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Resize the input-size-bound tables of `sd` to `model` (the encoder's own `adapt_state_dict` first: other key
     layouts, e.g. timm's ViT, and its own tables; then absolute position embeddings [1, P+N, C] / [N, C] and relative
-    position bias tables [(2h-1)(2w-1), heads])."""
-    if hasattr(model, "adapt_state_dict"):
+    position bias tables [(2h-1)(2w-1), heads]). Pretraining-only parts the model lacks are dropped."""
+    if isinstance(model, EncoderBase):
         sd = model.adapt_state_dict(sd)
     own = model.state_dict()
+    # A classifier is built without the pretraining-only parts (mask token, bypassed final norm): drop them.
+    drop = tuple(model.pretraining_only) if isinstance(model, EncoderBase) else ()
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(drop) or not drop}
     out = {}
     for key, value in sd.items():
         target = own.get(key)
@@ -143,14 +146,19 @@ def fit_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, Tensor]
 
 # ------------------------------------------------------------------------------------------------ the model API
 
-class TimmNative:
-    """What timm expects of a model, on top of the encoder contract (`base.MIMEncoder`).
+class TimmNative(EncoderBase):
+    """What timm expects of a model, on top of the encoder contract (`base.MIMEncoder`, hooks in `base.EncoderBase`).
+
+    timm's meanings: `forward_features(x)` is the final unpooled map (NCHW, `output_fmt`), `forward_head` pools it,
+    `forward_intermediates` gives the `feature_info` levels (what `features_only`, dense backbones and the k-NN
+    monitor read). An encoder implements `_feature_maps(x)`: one map per `feature_info` entry, the last one the
+    final (normed) map.
 
     The classifier is the module named by the model's pretrained cfg (`classifier`); it is the one source of truth for
     `num_classes`, so the value a constructor assigns is not stored separately.
     """
 
-    pretrained_cfg: dict
+    output_fmt = "NCHW"  # and `pretrained_cfg`: set by timm's `build_model_with_cfg`
 
     @property
     def num_classes(self) -> int:
@@ -163,12 +171,17 @@ class TimmNative:
 
     @property
     def num_features(self) -> int:
-        """Channels of the last `forward_features` map (timm: the features before pooling)."""
+        """Channels of `forward_features`' map (timm: the features before pooling)."""
         return self.feature_info[-1]["num_chs"]
 
     @num_features.setter
     def num_features(self, value: int) -> None:
         pass  # derived from feature_info, which the constructors set
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of `forward_head(x, pre_logits=True)`: what feeds the classifier (timm's attribute)."""
+        return self.num_features
 
     def _classifier_name(self) -> str:
         cfg = getattr(self, "pretrained_cfg", None) or {}  # absent when the class is constructed directly
@@ -195,12 +208,11 @@ class TimmNative:
                 owner.num_classes = num_classes
 
     def _classifier_in_features(self) -> int:
-        hidden = getattr(self, "head_fc", None)  # DGT: a hidden FC between the pooled features and the classifier
-        return hidden.out_features if isinstance(hidden, nn.Linear) else self.num_features
+        return self.head_hidden_size
 
     def prune_intermediate_layers(self, indices: int | list[int] | None = None, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """`features_only`: drop the classifier; every stage stays (forward_features computes them all anyway).
+        """`features_only`: drop the classifier; every level stays (the last one is the final map).
 
         indices: None = every `feature_info` entry; an int n = the last n; a list = those (negative from the end).
         """
@@ -209,18 +221,25 @@ class TimmNative:
             self.reset_classifier(0)
         return list(take)
 
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """x: [B, 3, H, W] -> the final map [B, num_features, H/r, W/r] (r: the last `feature_info` reduction)."""
+        return self._feature_maps(x)[-1]
+
     def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
-        """timm's multi-scale API over `forward_features`: the maps of `indices` (default: all `feature_info`).
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's multi-level API: the maps of `feature_info` entries `indices` (default all; an int n = the last n).
 
-        The maps are those the dense adapters use (the last one normed as in `forward_features`; `norm` changes
-        nothing). Without `intermediates_only` it returns (forward_features(x), maps), so that `forward_head`
-        accepts the first element as it does in timm.
+        The last entry is the final normed map (`forward_features`), earlier ones are raw stage/block outputs;
+        `norm` and `stop_early` change nothing (every level is computed). Without `intermediates_only` it returns
+        (forward_features(x), maps), so that `forward_head` accepts the first element as it does in timm.
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
         take, _ = feature_take_indices(len(self.feature_info), indices)
-        feats = self.forward_features(x)
+        feats = self._feature_maps(x)
         maps = [feats[i] if output_fmt == "NCHW" else feats[i].permute(0, 2, 3, 1) for i in take]
-        return maps if intermediates_only else (feats, maps)
+        return maps if intermediates_only else (feats[-1], maps)

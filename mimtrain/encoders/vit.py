@@ -4,7 +4,12 @@ Drop mode (MAE): only the visible patches enter the transformer. Fill mode (SimM
 embeddings are replaced by a learned mask token, and the position embedding is added after, as in SimMIM, so hidden
 tokens at different places differ. Position embeddings are MAE's fixed 2-D sin-cos table, and the weights start from
 MAE's initialisation. Built with a head (num_classes > 0) the model is MAE's fine-tuning classifier: global average
-of the patch tokens, a fresh `fc_norm` in place of the pretrained final norm, head weights drawn with std 2e-5.
+of the patch tokens, a fresh `fc_norm` in place of the pretrained final norm (which the classifier then does not
+have), a learnable position table initialised from the fixed one (timm's, as MAE fine-tunes it), no mask token, head
+weights drawn with std 2e-5.
+
+Feature levels (`feature_info`, `forward_intermediates`, `features_only`): one per block, as timm's ViT; the last is
+the final normed map, the others raw block outputs.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
     # MAE's fine-tuning fc_norm is part of the head; `vit.fc_norm` is where timm-layout checkpoints keep theirs.
     classifier_modules = ("vit.head", "fc_norm", "vit.fc_norm")
 
-    hidden_units: int | None = None  # drop mode: hidden mask units per image, where fixed (`base.visible_order`)
+    has_class_token = True
+    pretraining_only = ("mask_token", "vit.norm.")
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 1000,
@@ -43,16 +49,22 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
         self.embed_dim = embed_dim
         self.num_prefix_tokens = self.vit.num_prefix_tokens if mask_mode == "drop" else 0
         self.grid_size = tuple(self.vit.patch_embed.grid_size)
-        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module="vit.norm")]
-        self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_mode == "fill" else None
-        # MAE fine-tuning: the pooled patch tokens get a fresh LayerNorm; the pretrained final norm is bypassed.
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"vit.blocks.{i}")
+                             for i in range(depth - 1)] + [dict(num_chs=embed_dim, reduction=patch_size,
+                                                                module="vit.norm")]
+        classifier = num_classes > 0
+        self.mask_token = nn.Parameter(torch.zeros(embed_dim)) if mask_mode == "fill" and not classifier else None
+        # MAE fine-tuning: the pooled patch tokens get a fresh LayerNorm in place of the pretrained final norm.
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if classifier else nn.Identity()
+        if classifier:
+            self.vit.norm = nn.Identity()
         if fixed_pos_embed:
-            # MAE: fixed sin-cos table in MAE's channel layout, class token position zero; frozen so it never drifts.
+            # MAE: fixed sin-cos table in MAE's channel layout, class token position zero; frozen in pretraining so
+            # it never drifts, learnable in the classifier (MAE's fine-tuning trains timm's table).
             with torch.no_grad():
                 self.vit.pos_embed.zero_()
                 self.vit.pos_embed[0, self.vit.num_prefix_tokens:] = mae_sincos_pos_embed(self.grid_size, embed_dim)
-            self.vit.pos_embed.requires_grad_(False)
+            self.vit.pos_embed.requires_grad_(classifier)
         self._init_mae()
 
     def _init_mae(self) -> None:
@@ -67,13 +79,8 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
         if isinstance(self.vit.head, nn.Linear):
             trunc_normal_(self.vit.head.weight, std=2e-5)
 
-    def unused_by_classifier(self) -> list[nn.Module]:
-        """Modules `forward` skips when the model classifies with average pooling (the pretrained final norm):
-        fine-tuning freezes them so that DDP sees no parameter without a gradient."""
-        return [self.vit.norm] if isinstance(self.fc_norm, nn.LayerNorm) else []
-
     def no_weight_decay(self) -> set[str]:
-        return {"vit.pos_embed", "vit.cls_token", "mask_token"}
+        return {"vit.pos_embed", "vit.cls_token"} | self._mask_token_name()
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer-wise lr decay as MAE's `get_layer_id_for_vit`: embeddings (and the mask token) 0, block i -> i + 1;
@@ -99,9 +106,18 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def _transform(self, x: Tensor, final_norm: bool = True) -> Tensor:
-        x = self.vit.blocks(self.vit.norm_pre(x))
-        return self.vit.norm(x) if final_norm else x
+    def _transform(self, x: Tensor) -> Tensor:
+        """[B, P + N, C] tokens -> the same after every block and the final norm."""
+        x = self.vit.norm_pre(x)
+        for blk in self.vit.blocks:  # written out (not `_run_blocks`) so that torch.jit.script compiles it
+            x = self._run_block(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
+        return self.vit.norm(x)
+
+    def _tokens_map(self, tokens: Tensor) -> Tensor:
+        """[B, P + N, C] -> [B, C, h, w]: the patch tokens on their grid."""
+        B, _, C = tokens.shape
+        gh, gw = self.grid_size
+        return tokens[:, self.vit.num_prefix_tokens:].transpose(1, 2).reshape(B, C, gh, gw)
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: [B, 3, H, W]; mask: [B, Gh, Gw] (True = hidden).
@@ -109,6 +125,9 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
         drop -> [B, 1 + N_visible, C]; fill -> [B, C, H/p, W/p].
         """
         hidden = mask_to_tokens(mask, self.mask_unit // self.patch_size).flatten(1)  # [B, L]
+        if self.mask_token is None and self.mask_mode == "fill":
+            raise ValueError("this ViT was built as a classifier (num_classes > 0), which has no mask token; build it "
+                             "with num_classes=0 to pretrain")
         if self.mask_mode == "fill":
             # SimMIM: the mask token replaces the patch embedding BEFORE the position embedding is added, so hidden
             # tokens still say where they are (after it, every hidden token would be the same vector).
@@ -125,24 +144,33 @@ class ViTEncoder(timm_glue.TimmNative, nn.Module):
         tokens = torch.gather(tokens, 1, keep[..., None].expand(-1, -1, C))
         return self._transform(self._prepend_prefix(tokens))
 
-    def forward_features(self, x: Tensor, final_norm: bool = True) -> list[Tensor]:
-        """x: [B, 3, H, W] -> [[B, C, H/p, W/p]], unmasked (after the final norm unless final_norm=False)."""
-        out = self._transform(self._prepend_prefix(self._embed(x)), final_norm)
-        B, _, C = out.shape
-        return [out[:, self.vit.num_prefix_tokens:].transpose(1, 2).reshape(B, C, *self.grid_size)]
+    def forward_features(self, x: Tensor) -> Tensor:
+        """x: [B, 3, H, W] -> [B, C, H/p, W/p], unmasked, after the final norm (none in a classifier)."""
+        return self._tokens_map(self._transform(self._prepend_prefix(self._embed(x))))
+
+    def _feature_maps(self, x: Tensor) -> list[Tensor]:
+        """x: [B, 3, H, W] -> depth maps [B, C, H/p, W/p]: each block's output, the last one after the final norm."""
+        t = self.vit.norm_pre(self._prepend_prefix(self._embed(x)))
+        maps = []
+        for blk in self.vit.blocks:
+            t = self._run_block(blk, t)
+            maps.append(t)
+        maps[-1] = self.vit.norm(maps[-1])
+        return [self._tokens_map(m) for m in maps]
 
     def forward_cls(self, x: Tensor) -> Tensor:
         """x: [B, 3, H, W] -> [B, C]: the normed class token, unmasked (MAE's linear-probe feature)."""
         return self._transform(self._prepend_prefix(self._embed(x)))[:, 0]
 
-    def forward_head(self, feats: list[Tensor], pre_logits: bool = False) -> Tensor:
-        """Average of the patch tokens (no class token) -> fc_norm -> logits: MAE fine-tuning's global pool."""
-        x = self.vit.head_drop(self.fc_norm(feats[-1].mean(dim=(2, 3))))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """x: [B, C, h, w] -> average of the patch tokens (no class token) -> fc_norm -> logits: MAE fine-tuning's
+        global pool."""
+        x = self.vit.head_drop(self.fc_norm(x.mean(dim=(2, 3))))
         return x if pre_logits else self.vit.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """As a classifier (num_classes > 0), MAE's: pool the blocks' output without the pretrained final norm."""
-        return self.forward_head(self.forward_features(x, final_norm=isinstance(self.fc_norm, nn.Identity)))
+        """As a classifier (num_classes > 0), MAE's: pool the blocks' output (the classifier has no final norm)."""
+        return self.forward_head(self.forward_features(x))
 
 
 def from_timm_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:

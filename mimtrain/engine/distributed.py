@@ -1,5 +1,5 @@
-"""How the trainer joins a launch: DDP, DeepSpeed ZeRO (stage 1-3, offload) or FSDP, on GPUs, or on CPUs (DDP and
-DeepSpeed over gloo: tests and debugging).
+"""How the trainer joins a launch: DDP, DeepSpeed ZeRO (stage 1-3, offload) or FSDP2, on GPUs, or on CPUs (DDP,
+DeepSpeed and FSDP2 over gloo: tests and debugging).
 
 `accelerate launch --config_file launch/accelerate/X.yaml` selects the mode through the environment
 (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_USE_FSDP`). `make_accelerator` builds the one Accelerator that honours it, and
@@ -19,10 +19,8 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Ini
 
 from mimtrain.config.pretrain import Config, ConfigError
 
-FSDP_NEEDS_GPU = (
-    "FSDP needs a GPU here: accelerate enables FSDP only on a GPU-class distributed type (MULTI_GPU, MULTI_XPU, ...); "
-    "without one it resolves MULTI_CPU or NO and ignores ACCELERATE_USE_FSDP, so every process would train an "
-    "unsharded copy of its own. On CPU use DDP (multi_gpu.yaml) or DeepSpeed (deepspeed_zero*.yaml).")
+FSDP_CPU_NEEDS_V2 = ("FSDP on CPU runs FSDP2 only (torch's fully_shard over gloo); this launch asks for FSDP version "
+                     "{version}: set fsdp_version: 2 (launch/accelerate/fsdp.yaml does)")
 
 
 def launch_mode() -> str:
@@ -116,8 +114,6 @@ def make_accelerator(grad_accum: int, precision_name: str, timeout_s: int = 0,
     if timeout_s < 0:
         raise ConfigError(f"train.dist_timeout_s must be >= 0 (0 = torch's default), got {timeout_s}")
     mode, cuda = launch_mode(), torch.cuda.is_available()
-    if mode == "fsdp" and not cuda:
-        raise ConfigError(FSDP_NEEDS_GPU)
     if mode == "deepspeed" and importlib.util.find_spec("transformers") is None:
         raise ConfigError("DeepSpeed through accelerate needs the `transformers` package (its DeepSpeed plugin imports "
                           "transformers.integrations): pip install 'transformers>=4.46'")
@@ -127,11 +123,13 @@ def make_accelerator(grad_accum: int, precision_name: str, timeout_s: int = 0,
     handlers = [InitProcessGroupKwargs(**pg)] if pg else []
     if find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    # cpu=True without CUDA lets `accelerate launch --multi_gpu` run DDP processes over gloo; DeepSpeed must see
-    # cpu=False, or accelerate switches it off.
+    # cpu=True without CUDA lets `accelerate launch --multi_gpu` run DDP (and FSDP, below) processes over gloo;
+    # DeepSpeed must see cpu=False, or accelerate switches it off.
     mixed_precision = precision(precision_name)
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
-                              cpu=not cuda and mode == "ddp", kwargs_handlers=handlers)
+    accelerator = _Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
+                               cpu=not cuda and mode in ("ddp", "fsdp"), kwargs_handlers=handlers)
+    if mode == "fsdp" and not cuda:
+        _fsdp_over_gloo(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"launched {launched} processes but the accelerator joined {accelerator.num_processes}: "
@@ -142,6 +140,61 @@ def make_accelerator(grad_accum: int, precision_name: str, timeout_s: int = 0,
     if seed is not None:
         set_seed(seed)
     return accelerator
+
+
+def block_classes(model: torch.nn.Module) -> list[str]:
+    """Class names of the model's repeated blocks: modules with sub-modules and parameters held in a ModuleList or
+    Sequential (timm's `Block`, Swin's stages and blocks, the MAE decoder's blocks). The FSDP units under
+    `fsdp.yaml`'s TRANSFORMER_BASED_WRAP, so no encoder has to name its block class.
+
+    Units must be modules that run through their own `forward`: FSDP2 gathers a unit's parameters only in its forward
+    hook. A size-based policy also makes units of modules the methods never call (`encoder`, whose `encode` they call,
+    `vit`, whose `pos_embed` they read), and their parameters then stay sharded: an error at the first step."""
+    found = set()
+    for container in model.modules():
+        if isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)):
+            found |= {type(m).__name__ for m in container.children()
+                      if next(m.children(), None) is not None and next(m.parameters(), None) is not None}
+    return sorted(found)
+
+
+class _Accelerator(Accelerator):
+    """accelerate's Accelerator; under FSDP2 `prepare` wraps the model's repeated blocks (`block_classes`) unless the
+    model or the launch config (fsdp_transformer_layer_cls_to_wrap) names its own."""
+
+    def prepare(self, *args, device_placement=None):
+        if self.is_fsdp2:
+            for obj in args:
+                if isinstance(obj, torch.nn.Module) and getattr(obj, "_no_split_modules", None) is None:
+                    obj._no_split_modules = block_classes(obj)  # accelerate's (HF's) name for the units to wrap
+        return super().prepare(*args, device_placement=device_placement)
+
+
+def _fsdp_over_gloo(accelerator: Accelerator) -> None:
+    """Turn a CPU launch of fsdp.yaml into accelerate's own FSDP2 path, over gloo.
+
+    accelerate 1.x switches to DistributedType.FSDP only from a GPU-class type (MULTI_GPU, MULTI_XPU, ...): on CPU it
+    resolves MULTI_CPU and ignores ACCELERATE_USE_FSDP, and every process would train an unsharded copy of its own.
+    torch's `fully_shard` itself runs on CPU (DTensor parameters, gloo collectives), and the rest of accelerate's
+    FSDP2 code (wrapping policy, `prepare`, clipping, sharded `save_state`/`load_state`, `merge_fsdp_weights`) is
+    device-agnostic; only that gate is CPU-blind. So, as accelerate's state would for a GPU, the type becomes FSDP and
+    the plugin comes from the launcher's FSDP_* environment; accelerate's `gather`/`reduce` treat FSDP and MULTI_CPU
+    alike (torch.distributed on the gloo group). This is how CI runs the FSDP2 path of a GPU launch."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if accelerator.num_processes < 2:
+        raise ConfigError("FSDP on CPU needs at least 2 processes (accelerate launch --config_file "
+                          "launch/accelerate/fsdp.yaml --num_processes 2 ...); one process has nothing to shard over")
+    plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* as `accelerate launch` set them
+    if plugin.fsdp_version != 2:
+        raise ConfigError(FSDP_CPU_NEEDS_V2.format(version=plugin.fsdp_version))
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # Both states: every AcceleratorState() construction re-copies PartialState's fields into the shared one.
+    PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

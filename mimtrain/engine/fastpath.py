@@ -38,9 +38,8 @@ def apply_fast_path(method: nn.Module, train_cfg, masking=None, backend: str = "
     if train_cfg.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}; got "
                           f"'{train_cfg.compile_mode}'")
-    encoder = getattr(method, "encoder", None)
-    if masking is not None and masking.mode == "drop" and hasattr(encoder, "hidden_units"):
-        encoder.hidden_units = masking.n_hidden
+    if masking is not None and masking.mode == "drop":  # every method has an encoder, every encoder hidden_units
+        method.encoder.hidden_units = masking.n_hidden
     for module in method.modules():
         if hasattr(module, "fused_attn"):  # timm's attention layers read this flag in forward
             module.fused_attn = train_cfg.sdpa

@@ -54,6 +54,16 @@ def _start_tracker(name: str, output_dir: Path):
     return tracker
 
 
+def keep_rows(output_dir: str | Path, rows: int) -> None:
+    """Cut metrics.jsonl back to its first `rows` rows: those a checkpoint saw written (a resumed run logs the steps
+    after it again, so it must not find them there twice)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        if len(lines) > rows:
+            path.write_text("".join(lines[:rows]))
+
+
 class RunLogger:
     def __init__(self, output_dir: str | Path, enabled: bool = True, log_with: str = "tensorboard",
                  hparams: dict | None = None):
@@ -61,13 +71,16 @@ class RunLogger:
         self.dir = Path(output_dir)
         self.log_with = log_with
         self.tracker = None
+        self.rows = 0  # metrics.jsonl rows (a checkpoint records it: a resumed run continues after that row)
         check_tracker(log_with)  # on every process, so that all of them stop on a bad value
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.tracker = _start_tracker(log_with, self.dir)
             if hparams is not None:
                 self.tracker.store_init_configuration(flat_hparams(hparams))
-            self.jsonl = open(self.dir / "metrics.jsonl", "a")
+            path = self.dir / "metrics.jsonl"
+            self.rows = len(path.read_text().splitlines()) if path.exists() else 0
+            self.jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -76,6 +89,7 @@ class RunLogger:
                          step=step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
+        self.rows += 1
 
     def reconstruction(self, step: int, views: dict[str, torch.Tensor], mean, std, max_images: int = 8) -> None:
         """One grid row per image: original | masked input | reconstruction (un-normalized to pixels)."""

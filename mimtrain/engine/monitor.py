@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from mimtrain.config.classify import EvalDataConfig, EvalTrainConfig, KnnOptions
 from mimtrain.config.pretrain import Config, ConfigError
-from mimtrain.data.stream import expand_shards, labelled_pass, num_classes, require_labels
+from mimtrain.data.stream import (expand_shards, labelled_pass, match_classes, num_classes, require_labels,
+                                  require_samples)
 from mimtrain.data.transforms import eval_transform
 from mimtrain.engine.distributed import module_dtype, params_sharded, unwrap
 from mimtrain.features import knn_accuracy, resolve_pool
@@ -39,8 +40,12 @@ class KnnMonitor:
         if params_sharded(accelerator):
             raise ConfigError("train.knn_every is not available under ZeRO-3 or FSDP (the encoder's parameters are "
                               "sharded); set train.knn_every=0 and run `mimtrain knn --from RUN` on the checkpoints")
-        self.bank, self.queries = expand_shards(cfg.data.knn_train_shards), expand_shards(cfg.data.val_shards)
+        self.bank = expand_shards(cfg.data.knn_train_shards, key="data.knn_train_shards")
+        self.queries = expand_shards(cfg.data.val_shards, key="data.val_shards")
+        require_samples(self.bank, "data.knn_train_shards")
+        require_samples(self.queries, "data.val_shards")
         require_labels(self.bank + self.queries, "train.knn_every (the k-NN monitor)")
+        self.query_labels, _ = match_classes(self.bank, self.queries)  # val labels numbered by the bank's classes
         if min(len(self.bank), len(self.queries)) < accelerator.num_processes:
             raise ConfigError(f"train.knn_every: every process embeds its own shards, so data.knn_train_shards and "
                               f"data.val_shards need at least {accelerator.num_processes} shards each")
@@ -52,9 +57,9 @@ class KnnMonitor:
         self.transform = eval_transform(cfg.data.img_size, cfg.data.mean, cfg.data.std, EvalDataConfig().crop_pct)
         self.batch_size = EvalTrainConfig().eval_batch_size
 
-    def _pass(self, urls: list[str], accelerator):
+    def _pass(self, urls: list[str], accelerator, label_map: list[int] | None = None):
         return labelled_pass(urls, self.transform, self.batch_size, accelerator.process_index,
-                             accelerator.num_processes)  # decoded in this process: see the module's docstring
+                             accelerator.num_processes, label_map=label_map)  # decoded here: see the docstring
 
     def __call__(self, step: int, method, accelerator, log) -> None:
         if not self.every or step % self.every:
@@ -65,7 +70,8 @@ class KnnMonitor:
         pool = resolve_pool("auto", encoder, default_cls=True)
         half = module_dtype(accelerator)  # DeepSpeed bf16/fp16 weights: autocast feeds them half-precision inputs
         with torch.no_grad(), torch.autocast(accelerator.device.type, dtype=half, enabled=half is not None):
-            acc = knn_accuracy(encoder, self._pass(self.bank, accelerator), self._pass(self.queries, accelerator),
+            queries = self._pass(self.queries, accelerator, self.query_labels)
+            acc = knn_accuracy(encoder, self._pass(self.bank, accelerator), queries,
                                pool, self.num_classes, accelerator, self.knn.k, self.knn.temperature, progress=False)
         encoder.train(was_training)
         shown = {k: v for k, v in acc.items() if k in ("top1", "top5") and v is not None}  # top5 None below 5 classes

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM, SIGUSR1 or SIGINT makes every process finish its step, write one checkpoint and exit 0.
+"""Preemption: SIGTERM, SIGUSR1, SIGINT or SIGHUP makes every process finish its step, write one checkpoint and exit
+0 (every training command: they all run `engine.fit`).
 
 A signal lands on one host (SLURM signals every task; a node drain or `kill` may reach only one process), so the
 processes agree on the stop step by a max-reduce of the local flags. The reduce runs on a gloo group of host (CPU)
@@ -29,7 +30,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)  # SIGHUP: a closed terminal or ssh session
 
 
 class Preemption:
@@ -82,9 +83,9 @@ def shield_workers(loader) -> Iterator:
 
     SLURM and torchrun signal the whole process group (SLURM's cgroup tracking even every process of the step), and
     torch's workers die on a SIGTERM that their parent did not send (DataLoader.cpp); the main process would then fail
-    on the dead worker before it could checkpoint. So the workers ignore SIGTERM/SIGUSR1/SIGINT, and the main process
-    must stop them itself on every way out: multiprocessing's own exit handler stops daemonic children with SIGTERM
-    and then waits for them forever."""
+    on the dead worker before it could checkpoint. So the workers ignore the stop signals (`SIGNALS`), and the main
+    process must stop them itself on every way out: multiprocessing's own exit handler stops daemonic children with
+    SIGTERM and then waits for them forever."""
     loader.worker_init_fn = _init_worker
     before = set(multiprocessing.active_children())
     try:

@@ -1,4 +1,9 @@
-"""Taking possession of `output_dir` before a run writes anything: one run at a time, no silent restart.
+"""Taking possession of `output_dir` before a run writes anything: one run at a time, no silent restart, nothing
+written into what another run or command owns. Every command does it the same way (`Run`).
+
+- Refused before anything is written (the directory stays byte-identical): an output_dir that is, or lies inside,
+  the command's `--from` source; one inside another run, training checkpoint or export, or that is a checkpoint or
+  export itself; a used one without `resume=` / `overwrite=true`.
 
 - An exclusive lock (a POSIX record lock, `fcntl.lockf`, on `output_dir/.mimtrain.lock`, taken by the main process
   only: the processes of one launch share the directory). The kernel drops it when its holder exits or is killed, so
@@ -25,13 +30,15 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from mimtrain.checkpoint.state import CheckpointError, Checkpoints, verify
+from mimtrain.checkpoint.folders import RUN_FILES, holds_run  # noqa: F401  (RUN_FILES: re-exported)
+from mimtrain.checkpoint.folders import folder_kind as _kind
+from mimtrain.checkpoint.state import CheckpointError, Checkpoints, read_rank_state, verify
+from mimtrain.config.errors import UserError
 
 LOCK_FILE = ".mimtrain.lock"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "tensorboard")  # what makes a directory a used one
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """output_dir cannot be used as asked (in use, or holding a run this command would overwrite)."""
 
 
@@ -66,18 +73,14 @@ class RunLock:
             self.fd = None
 
 
-def holds_run(out: Path) -> list[str]:
-    """The run files `out` holds (empty: a new or unused directory)."""
-    return [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("keys_rank*.txt"))
-
-
-def claim(accelerator, output_dir: str, resume: str, overwrite: bool) -> tuple[RunLock | None, Path | None]:
+def claim(accelerator, output_dir: str, resume: str, overwrite: bool, sources: tuple = ()
+          ) -> tuple[RunLock | None, Path | None]:
     """Collective: the main process opens the run directory (`open_run_dir`) and every process learns the outcome,
     so a refusal ends the whole launch at once instead of leaving the other processes waiting on the main one."""
     lock, outcome = None, [None, None]  # [checkpoint to resume from, (error class, message)]
     if accelerator.is_main_process:
         try:
-            lock, ckpt = open_run_dir(output_dir, resume, overwrite, say=accelerator.print)
+            lock, ckpt = open_run_dir(output_dir, resume, overwrite, say=accelerator.print, sources=sources)
             outcome = [str(ckpt) if ckpt else None, None]
         except (RunDirError, CheckpointError) as e:
             outcome = [None, (type(e).__name__, str(e))]
@@ -88,12 +91,18 @@ def claim(accelerator, output_dir: str, resume: str, overwrite: bool) -> tuple[R
     return lock, Path(outcome[0]) if outcome[0] else None
 
 
-def open_run_dir(output_dir: str, resume: str, overwrite: bool, say=print) -> tuple[RunLock, Path | None]:
+def open_run_dir(output_dir: str, resume: str, overwrite: bool, say=print, sources: tuple = ()
+                 ) -> tuple[RunLock, Path | None]:
     """Main process only: lock `output_dir`, apply the resume/overwrite rules and return the lock and the checkpoint
-    to resume from (None: start at step 0). Raises RunDirError / CheckpointError with the ways forward."""
+    to resume from (None: start at step 0). Raises RunDirError / CheckpointError with the ways forward; a refusal
+    that needs no lock comes before anything is written (the directory stays byte-identical)."""
     if overwrite and resume:
         raise RunDirError(f"overwrite=true and resume={resume} contradict each other: choose one")
+    refuse_output_dir(output_dir, sources)
     out = Path(output_dir)
+    used = holds_run(out) if out.is_dir() else []
+    if used and not (resume or overwrite):
+        raise _used(out, used)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()
     try:
@@ -101,13 +110,16 @@ def open_run_dir(output_dir: str, resume: str, overwrite: bool, say=print) -> tu
         if used and overwrite:
             lock = _move_aside(out, lock, say)
         elif used and not resume:
-            raise RunDirError(
-                f"output_dir {out} already holds a run ({', '.join(used)}). Continue it with resume=auto, or start "
-                f"over with overwrite=true (moves it to {out}.old-<time>; nothing is deleted)")
+            raise _used(out, used)
         return lock, _checkpoint_to_resume(Checkpoints(out), resume, say)
     except BaseException:
         lock.release()
         raise
+
+
+def _used(out: Path, used: list[str]) -> RunDirError:
+    return RunDirError(f"output_dir {out} already holds a run ({', '.join(used)}). Continue it with resume=auto, or "
+                       f"start over with overwrite=true (moves it to {out}.old-<time>; nothing is deleted)")
 
 
 def _move_aside(out: Path, lock: RunLock, say) -> RunLock:
@@ -143,20 +155,55 @@ def _checkpoint_to_resume(ckpts: Checkpoints, resume: str, say) -> Path | None:
     return ckpt
 
 
-class TaskRun:
-    """The run directory of a fine-tuning, probing, k-NN or dense-transfer run, written the same way by each:
-    `config.yaml` (resolved, with derived values) at the start, `metrics.jsonl` and TensorBoard through `log`,
-    `results.json` at the end."""
+def refuse_output_dir(output_dir: str, sources: tuple = ()) -> None:
+    """Refuse an output_dir that is (or lies inside) a command's `--from` source, or lies inside another run,
+    checkpoint or export, or is itself a checkpoint or export: writing there would change what another run or
+    command reads. Checked before anything is written."""
+    out = Path(output_dir).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if out == s or s in out.parents:
+            raise RunDirError(f"output_dir {output_dir} is {'' if out == s else 'inside '}the --from source {src}: "
+                              "the run would write into what it reads; use another output_dir")
+    for folder in out.parents:
+        kind = _kind(folder)
+        if kind:
+            raise RunDirError(f"output_dir {output_dir} lies inside {kind} ({folder}): use a folder of its own")
+    kind = _kind(out)
+    if kind in ("a training checkpoint", "an export"):
+        raise RunDirError(f"output_dir {output_dir} is {kind}, not a run directory: use another output_dir")
 
-    def __init__(self, cfg, acc, derived: dict | None = None):
-        from mimtrain.config.pretrain import save_config
-        from mimtrain.engine.logging import RunLogger
 
-        self.acc, self.dir = acc, Path(cfg.output_dir)
-        if acc.is_main_process:
+class Run:
+    """The run directory of any training command, claimed before anything is written: refusals
+    (`refuse_output_dir`, then `open_run_dir`'s used-directory rule), the lock, the checkpoint to resume from; then
+    `start` writes config.yaml (resolved, with derived values) and opens the logger (`metrics.jsonl`, TensorBoard),
+    `finish` writes results.json. `close` (always, in a `finally`) releases the lock."""
+
+    def __init__(self, acc, cfg, sources: tuple = ()):
+        self.acc, self.cfg, self.dir = acc, cfg, Path(cfg.output_dir)
+        self.log = None
+        self.lock, self.resume_from = claim(acc, cfg.output_dir, cfg.resume, cfg.overwrite, tuple(map(str, sources)))
+
+    def start(self, config: dict, log_with: str = "tensorboard", hparams: bool = False) -> str:
+        """Write config.yaml and open the logger; returns the config's YAML text (saved in every checkpoint)."""
+        import yaml
+
+        from mimtrain.engine.logging import RunLogger, keep_rows
+
+        text = yaml.safe_dump(config, sort_keys=False)
+        if self.acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "config.yaml", derived=derived)
-        self.log = RunLogger(self.dir, enabled=acc.is_main_process)
+            if self.resume_from is not None:
+                logged = read_rank_state(self.resume_from, 0).get("extra", {}).get("logged")
+                if logged is not None:  # rows of steps after the checkpoint: they are trained (and logged) again
+                    keep_rows(self.dir, logged)
+            elif self.cfg.resume == "auto":  # nothing to resume: rows of a run killed before its first checkpoint
+                keep_rows(self.dir, 0)
+            (self.dir / "config.yaml").write_text(text)
+        self.log = RunLogger(self.dir, enabled=self.acc.is_main_process, log_with=log_with,
+                             hparams=config if hparams else None)
+        return text
 
     def say(self, text: str) -> None:
         """Print on the main process above a running tqdm bar (tqdm.write), not into the middle of it."""
@@ -166,9 +213,20 @@ class TaskRun:
             tqdm.write(text)
 
     def finish(self, results: dict) -> dict:
-        """results.json, then close the logger and the accelerator's trackers."""
+        """results.json (main process)."""
         if self.acc.is_main_process:
             (self.dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-        self.log.close()
-        self.acc.end_training()
         return results
+
+    def close(self) -> None:
+        """Close the logger and the accelerator's trackers, release the lock (also dropped if the process dies)."""
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.acc.end_training()
+
+
+TaskRun = Run  # the name the evaluation code used before every command had the same run directory

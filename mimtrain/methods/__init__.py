@@ -15,7 +15,7 @@ MASK_MODE = {"mae": "drop", "simmim": "fill"}
 
 def mask_mode_for(method: str) -> str:
     if method not in MASK_MODE:
-        raise ValueError(f"unknown method.name '{method}' (known: {', '.join(MASK_MODE)})")
+        raise ConfigError(f"unknown method.name '{method}' (known: {', '.join(MASK_MODE)})")
     return MASK_MODE[method]
 
 
@@ -55,5 +55,6 @@ def build_pretraining(cfg) -> tuple[nn.Module, MaskingService]:
     encoder = build_encoder(cfg.encoder.name, S, mask_unit=cfg.encoder.mask_unit,
                             mask_mode=mask_mode_for(cfg.method.name), num_classes=0,
                             drop_path_rate=cfg.encoder.drop_path_rate, **cfg.encoder.kwargs)
+    encoder.set_grad_checkpointing(cfg.train.grad_checkpointing)  # the one place pretraining gets it
     masking = MaskingService.for_encoder(encoder, S, cfg.mask, cfg.seed)
     return build_method(cfg.method, encoder, S), masking

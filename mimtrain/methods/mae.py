@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from mimtrain.config.errors import ConfigError
 from mimtrain.encoders.base import mae_init_linear, mae_sincos_pos_embed
 
 
@@ -36,12 +37,12 @@ class MAE(nn.Module):
                  decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True, mlp_ratio: float = 4.0):
         super().__init__()
         if encoder.mask_mode != "drop":
-            raise ValueError(f"MAE needs an encoder in drop mode, but {type(encoder).__name__} fills masked tokens; "
-                             "pretrain fill-mode encoders (Swin, GC ViT, GPViT, DGT, GLNet) with method.name=simmim")
+            raise ConfigError(f"MAE needs an encoder in drop mode, but {type(encoder).__name__} fills masked tokens; "
+                              "pretrain fill-mode encoders (Swin, GC ViT, GPViT, DGT, GLNet) with method.name=simmim")
         stride = encoder.feature_info[-1]["reduction"]
         if encoder.mask_unit != stride:
-            raise ValueError(f"MAE's decoder predicts one token per mask unit: encoder.mask_unit must equal the "
-                             f"encoder's output stride {stride} (got {encoder.mask_unit})")
+            raise ConfigError(f"MAE's decoder predicts one token per mask unit: encoder.mask_unit must equal the "
+                              f"encoder's output stride {stride} (got {encoder.mask_unit})")
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
         self.encoder = encoder
         self.unit, self.grid = encoder.mask_unit, (h // encoder.mask_unit, w // encoder.mask_unit)
@@ -64,7 +65,7 @@ class MAE(nn.Module):
             m.apply(mae_init_linear)
 
     def no_weight_decay(self) -> set[str]:
-        return {"mask_token"} | {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", set)()}
+        return {"mask_token"} | {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def decode(self, latent: Tensor, mask: Tensor) -> Tensor:
         """latent: [B, P + V, C]; mask: [B, Gh, Gw] -> pred: [B, L, u*u*3]."""
@@ -111,5 +112,6 @@ class MAE(nn.Module):
             pred = pred * (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(dim=-1, keepdim=True)
         recon = unpatchify(pred, self.unit, self.grid)
         hidden = out["mask"].repeat_interleave(self.unit, 1).repeat_interleave(self.unit, 2)[:, None]
-        return {"original": images, "masked": images.masked_fill(hidden, 0.0),
-                "reconstruction": torch.where(hidden, recon.to(images.dtype), images)}
+        views = {"original": images, "masked": images.masked_fill(hidden, 0.0),
+                 "reconstruction": torch.where(hidden, recon.to(images.dtype), images)}
+        return {**views, **self.encoder.extra_views(images, out["mask"])}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mimtrain.config.errors import ConfigError
 from mimtrain.encoders.base import mask_to_tokens
 
 
@@ -44,10 +45,10 @@ class SimMIM(nn.Module):
 
     def __init__(self, encoder: nn.Module, norm_pix_loss: bool = False):
         super().__init__()
-        if getattr(encoder, "mask_mode", None) != "fill":
-            raise ValueError(
+        if encoder.mask_mode != "fill":
+            raise ConfigError(
                 f"SimMIM needs an encoder in fill mode (mask token in place of hidden positions), but "
-                f"{type(encoder).__name__} has mask_mode={getattr(encoder, 'mask_mode', None)!r}; use a fill-only "
+                f"{type(encoder).__name__} has mask_mode={encoder.mask_mode!r}; use a fill-only "
                 "encoder (Swin, GC ViT, GPViT, DGT, GLNet) or build ViT/HiViT with mask_mode='fill', or pretrain "
                 "drop-mode encoders with method.name=mae")
         self.encoder = encoder
@@ -62,7 +63,7 @@ class SimMIM(nn.Module):
         )
 
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in getattr(self.encoder, "no_weight_decay", set)()}
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
     def _check(self, images: Tensor, mask: Tensor) -> None:
         H, W = images.shape[-2:]
@@ -111,10 +112,4 @@ class SimMIM(nn.Module):
         hidden = hidden_pixels(out["mask"], self.unit)
         views = {"original": images, "masked": images.masked_fill(hidden, 0.0),
                  "reconstruction": torch.where(hidden, pred.to(images.dtype), images)}
-        if hasattr(self.encoder, "slot_maps"):  # GLNet: where each semantic slot looks, for the first image
-            was_training = self.encoder.training
-            self.encoder.eval()  # no drop path, no RNG draws: logging must not change the training run
-            maps = self.encoder.slot_maps(images[:1], out["mask"][:1])[0].float()  # [S, h, w], sums to 1 per slot
-            self.encoder.train(was_training)
-            views["slot_maps"] = (maps / maps.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12))[:, None]
-        return views
+        return {**views, **self.encoder.extra_views(images, out["mask"])}  # e.g. GLNet's slot maps

@@ -13,33 +13,30 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from mimtrain.checkpoint.export import write_classifier_export
 from mimtrain.config.classify import EvalConfig
-from mimtrain.config.pretrain import derive
-from mimtrain.data.stream import ShardStream, count_samples, make_loader
-from mimtrain.data.transforms import PythonSeeded
+from mimtrain.config.pretrain import derive, describe_lr, to_dict
+from mimtrain.data.stream import ShardStream, count_samples
+from mimtrain.data.transforms import finetune_transform
 from mimtrain.engine.distributed import make_accelerator, unwrap
-from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.fit import Plan, Task, fit
 from mimtrain.engine.optim import build_schedule, layer_decay_groups
-from mimtrain.engine.rundir import TaskRun
+from mimtrain.engine.rundir import Run
+from mimtrain.engine.sources import ShardSource
 from mimtrain.eval.classify.source import (build_from_checkpoint, eval_pass, follow_source,
                                            labelled_shards)
 from mimtrain.features import evaluate, logits, resolve_pool
 
 
 def train_transform(cfg: EvalConfig):
-    """timm's ImageNet training pipeline: RandomResizedCrop (bicubic), flip, RandAugment, normalize, random erasing."""
-    ft, d = cfg.finetune, cfg.data
-    t = create_transform(d.img_size, is_training=True, scale=tuple(d.crop_scale), hflip=0.5 if d.hflip else 0.0,
-                         auto_augment=ft.auto_augment or None, color_jitter=None if ft.auto_augment else 0.4,
-                         interpolation="bicubic", re_prob=ft.re_prob, re_mode="pixel", re_count=1,
-                         mean=tuple(d.mean), std=tuple(d.std))
-    return PythonSeeded(t)
+    """timm's ImageNet training pipeline: RandomResizedCrop (bicubic), flip, RandAugment, normalize, random erasing
+    (`data.transforms.finetune_transform`: posterize kept in the pinned Pillow's range, seeded per sample)."""
+    return finetune_transform(cfg.data, cfg.finetune)
 
 
 class Classifier(nn.Module):
@@ -63,7 +60,7 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
     encoder, spec = build_from_checkpoint(cfg, source, num_classes=n_cls, drop_path_rate=cfg.encoder.drop_path_rate)
     pool = resolve_pool(cfg.encoder.pool, encoder, default_cls=False)
     if pool == "avg":  # MAE: fc_norm after the pool replaces the pretrained final norm, which then gets no gradient
-        for module in getattr(encoder, "unused_by_classifier", list)():
+        for module in encoder.unused_by_classifier():  # declared hook: none for our encoders' classifiers
             module.requires_grad_(False)
     d = derive(cfg, acc.num_processes, cfg.data.samples_per_epoch or count_samples(train_urls))
     ft = cfg.finetune
@@ -78,51 +75,100 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
         raise ValueError(f"Mixup/CutMix pair images within a batch: train.batch_size must be even "
                          f"(got {cfg.train.batch_size})")
 
-    run = TaskRun(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "encoder": asdict(spec)})
-    acc.print(f"fine-tune {spec.describe()} from {source}: {n_cls} classes, lr = blr {cfg.optim.blr:g} x "
-              f"{d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}, layer decay {ft.layer_decay} over "
-              f"{len({g['lr_scale'] for g in groups})} layers; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
-    model, optimizer = acc.prepare(Classifier(encoder, pool), optimizer)
-    ema = ModelEmaV3(unwrap(acc, model), decay=ft.ema_decay) if ft.ema else None
-    data = ShardStream(train_urls, train_transform(cfg), cfg.train.batch_size, seed=cfg.seed,
-                       rank=acc.process_index, world_size=acc.num_processes, num_streams=max(1, cfg.data.num_workers),
-                       num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
-    best = 0.0
-
-    def epoch_batches(epoch: int):
-        data.set_epoch(epoch)
-        return make_loader(data, cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
-
-    def loss(model: nn.Module, batch: dict) -> dict:
-        x, y = batch["images"], batch["label"]
-        if mixup:
-            x, y = mixup(x, y)
-        return {"loss": criterion(model(x), y)}
-
-    def validate(step: int, epochs: int) -> dict:
-        nonlocal best
-        model.eval()
-        metrics = evaluate(model, eval_pass(cfg, val_urls, acc), acc)
+    derived = {**d.as_dict(), "task": "finetune", "num_classes": n_cls, "pool": pool, "encoder": asdict(spec)}
+    run = Run(acc, cfg, sources=(source,))  # refusals and lock before anything is written
+    try:
+        config_text = run.start({**to_dict(cfg), "derived": derived})
+        acc.print(f"fine-tune {spec.describe()} from {source}: {n_cls} classes, "
+                  f"{describe_lr(cfg.optim, d.effective_batch, d.lr)}, layer decay {ft.layer_decay} over "
+                  f"{len({g['lr_scale'] for g in groups})} layers; {d.steps_per_epoch} steps/epoch, stop at "
+                  f"{d.stop_step}")
+        model, optimizer = acc.prepare(Classifier(encoder, pool), optimizer)
+        ema = ModelEmaV3(unwrap(acc, model), decay=ft.ema_decay) if ft.ema else None
         if ema is not None:
-            ema.eval()
-            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, eval_pass(cfg, val_urls, acc), acc).items()
-                            if k != "num_val"})
-        best = max(best, metrics["top1"])
+            acc.register_for_checkpointing(ema)  # the EMA weights travel in every checkpoint
+        stream = ShardStream(train_urls, train_transform(cfg), cfg.train.batch_size, seed=cfg.seed,
+                             rank=acc.process_index, world_size=acc.num_processes,
+                             num_streams=max(1, cfg.data.num_workers), num_batches=d.micro_batches_per_epoch,
+                             shuffle_buffer=cfg.data.shuffle_buffer)
+
+        def export(name: str) -> None:  # the classifier as an export (its spec carries num_classes: it has a head)
+            if acc.is_main_process:
+                write_classifier_export(run.dir / name, encoder, spec, cfg.data.img_size, n_cls,
+                                        {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}, train_urls)
+
+        task = FinetuneTask(cfg, acc, run, model, optimizer, schedule, encoder, val_urls, mixup, criterion, ema,
+                            ShardSource(stream, cfg.data.num_workers, acc.device.type == "cuda"), export)
+        t = cfg.train
+        plan = Plan(d.stop_step, grad_accum=t.grad_accum, clip_grad=cfg.optim.clip_grad, log_every=t.log_every,
+                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
+                    batch_size=t.batch_size, eval_every_epochs=t.eval_every,
+                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="finetune")
+        out = fit(task, plan, acc, run, config_text)
+        if out["preempted"]:
+            return {"task": "finetune", "preempted": True, "step": out["step"]}
+        best = task.best
+        results = {"task": "finetune", "source": str(source), "encoder": spec.name, "pool": pool,
+                   "num_classes": n_cls, "step": out["step"], "epochs": out["epochs"], **task.metrics,
+                   "best_top1": best["top1"],
+                   "best": {**best, "checkpoint": f"checkpoints/step-{best['step']:08d}", "export": "best"},
+                   "last": {"step": out["step"], "epoch": out["epochs"], "top1": task.metrics.get("top1"),
+                            "checkpoint": f"checkpoints/step-{out['step']:08d}", "export": "final"}}
+        export("final")
+        return run.finish(results)
+    finally:
+        run.close()
+
+
+class FinetuneTask(Task):
+    """Cross-entropy (soft targets under Mixup/CutMix) of the classifier; top-1/top-5 (and the EMA's) on the
+    validation shards; the best top-1 so far, and the last evaluation, as its state. A new best is also written as
+    an export (`best/`, beside `final/`), which `--from` and `mimtrain export` read like any export."""
+    has_evaluation = True
+
+    def __init__(self, cfg: EvalConfig, acc, run, model, optimizer, schedule, encoder, val_urls, mixup, criterion,
+                 ema, source: ShardSource, export):
+        self.cfg, self.acc, self.run, self.model, self.optimizer, self.schedule = cfg, acc, run, model, optimizer, \
+            schedule
+        self.encoder, self.val_urls, self.mixup, self.criterion, self.ema = encoder, val_urls, mixup, criterion, ema
+        self.source, self.export = source, export
+        self.best: dict = {"top1": None, "step": None, "epoch": None}
+        self.metrics: dict = {}
+
+    def loss(self, batch: dict) -> dict:
+        x, y = batch["images"], batch["label"]
+        if self.mixup:
+            x, y = self.mixup(x, y)
+        return {"loss": self.criterion(self.model(x), y)}
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(unwrap(self.acc, self.model), step=step)
+
+    def evaluate(self, step: int, epochs: int) -> dict:
+        cfg, acc = self.cfg, self.acc
+        self.model.eval()
+        metrics = evaluate(self.model, eval_pass(cfg, self.val_urls, acc), acc)
+        if self.ema is not None:
+            self.ema.eval()
+            metrics.update({f"ema_{k}": v for k, v in evaluate(self.ema.module, eval_pass(cfg, self.val_urls, acc),
+                                                               acc).items() if k != "num_val"})
         shown = {k: v for k, v in metrics.items() if k != "num_val" and v is not None}  # top5 None: < 5 classes
-        run.log.scalars(step, {"epoch": epochs, **{f"val/{k}": v for k, v in shown.items()}})
-        run.say(f"epoch {epochs} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+        self.run.log.scalars(step, {"epoch": epochs, **{f"val/{k}": v for k, v in shown.items()}})
+        self.run.say(f"epoch {epochs} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()))
+        self.metrics, self.at = metrics, (step, epochs)
         return metrics
 
-    plan = FitPlan(d.stop_step, grad_accum=cfg.train.grad_accum, clip_grad=cfg.optim.clip_grad,
-                   log_every=cfg.train.log_every, batch_size=cfg.train.batch_size,
-                   eval_every_epochs=cfg.train.eval_every, progress=cfg.train.progress, desc="finetune")
-    step, epochs, metrics = fit(
-        model, optimizer, schedule, forever(epoch_batches), loss, acc, plan, run.log, evaluate=validate,
-        before_step=getattr(encoder, "on_step", None),  # encoder hook, as in pretraining (DGT's centroid rate)
-        after_step=None if ema is None else lambda step: ema.update(unwrap(acc, model), step=step))
-    results = {"task": "finetune", "source": str(source), "encoder": spec.name, "pool": pool, "num_classes": n_cls,
-               "step": step, "epochs": epochs, **metrics, "best_top1": best}
-    if acc.is_main_process:  # the fine-tuned classifier as an export (its spec carries num_classes: it has a head)
-        write_classifier_export(run.dir / "final", encoder, spec, cfg.data.img_size, n_cls,
-                                {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}, train_urls)
-    return run.finish(results)
+    def is_best(self, metrics: dict) -> bool:
+        if self.best["top1"] is not None and metrics["top1"] <= self.best["top1"]:
+            return False
+        self.best = {"top1": metrics["top1"], "step": self.at[0], "epoch": self.at[1]}
+        self.export("best")
+        return True
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best", self.best)
+        self.metrics = state.get("metrics", {})

@@ -18,13 +18,14 @@ from timm.optim import Lars
 from torch import Tensor, nn
 
 from mimtrain.config.classify import EvalConfig
-from mimtrain.config.pretrain import derive
-from mimtrain.data.stream import ShardStream, count_samples, make_loader
+from mimtrain.config.pretrain import derive, describe_lr, to_dict
+from mimtrain.data.stream import ShardStream, count_samples
 from mimtrain.data.transforms import pretrain_transform
 from mimtrain.engine.distributed import make_accelerator
-from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.fit import Plan, Task, fit
 from mimtrain.engine.optim import build_schedule
-from mimtrain.engine.rundir import TaskRun
+from mimtrain.engine.rundir import Run
+from mimtrain.engine.sources import ShardSource, TensorSource
 from mimtrain.eval.classify.source import eval_pass, follow_source, frozen_encoder, labelled_shards
 from mimtrain.features import evaluate, extract, pooled, score
 
@@ -92,81 +93,111 @@ def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
     budget = head_budget(d, cfg.optim.min_lr, cfg.linprobe.momentum)
     if budget < 1.0 and acc.is_main_process:
         print(short_schedule_warning(budget, d), file=sys.stderr, flush=True)
-    run = TaskRun(cfg, acc, {**d.as_dict(), "num_classes": n_cls, "pool": pool, "random_init": random_init,
-                             "head_budget": budget})
-    lr_text = f"lr = {d.lr:.3g} (optim.lr)" if cfg.optim.lr > 0 else \
-        f"lr = blr {cfg.optim.blr:g} x {d.effective_batch} / {cfg.optim.lr_base_batch} = {d.lr:.3g}"
-    acc.print(f"linear probe of {'randomly initialised ' if random_init else ''}{spec.describe()} ({pool} "
-              f"features, dim {encoder.embed_dim}): {lr_text}; {d.steps_per_epoch} steps/epoch, stop at {d.stop_step}")
-    train = _train_cached if cfg.linprobe.cache_features else _train_streamed
-    step, metrics = train(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val_urls, run)
-    run.log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5") and v is not None})
-    return run.finish({"task": "linprobe", "source": str(source), "encoder": spec.name, "random_init": random_init,
-                       "pool": pool, "num_classes": n_cls, "step": step, **metrics})
+    derived = {**d.as_dict(), "task": "linprobe", "num_classes": n_cls, "pool": pool, "random_init": random_init,
+               "head_budget": budget}
+    run = Run(acc, cfg, sources=(source,))  # refusals and lock before anything is written (or features computed)
+    try:
+        config_text = run.start({**to_dict(cfg), "derived": derived})
+        lr_text = describe_lr(cfg.optim, d.effective_batch, d.lr)
+        acc.print(f"linear probe of {'randomly initialised ' if random_init else ''}{spec.describe()} ({pool} "
+                  f"features, dim {encoder.embed_dim}): {lr_text}; {d.steps_per_epoch} steps/epoch, stop at "
+                  f"{d.stop_step}")
+        t = cfg.train
+        plan = Plan(d.stop_step, grad_accum=t.grad_accum, log_every=t.log_every, ckpt_every=t.ckpt_every,
+                    keep_last=t.keep_last, keep_every=t.keep_every, batch_size=t.batch_size,
+                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="linprobe")
+        task = ProbeTask(cfg, acc, run, encoder, head, optimizer, schedule, pool, val_urls)
+        if cfg.linprobe.cache_features:
+            out = _train_cached(task, plan, cfg, d, train_urls, config_text)
+        else:
+            out = _train_streamed(task, plan, cfg, d, train_urls, config_text)
+        if out["preempted"]:
+            return {"task": "linprobe", "preempted": True, "step": out["step"]}
+        return run.finish({"task": "linprobe", "source": str(source), "encoder": spec.name,
+                           "random_init": random_init, "pool": pool, "num_classes": n_cls, "step": out["step"],
+                           **task.metrics})
+    finally:
+        run.close()
 
 
-def _cross_entropy(head: nn.Module, batch: tuple) -> dict:
-    features, labels = batch
-    return {"loss": nn.functional.cross_entropy(head(features), labels)}
+class ProbeTask(Task):
+    """Cross-entropy of the head on frozen features: cached ((features, labels) batches) or computed from the
+    images of each batch under no_grad (streamed); scored once, after the last step."""
+    has_evaluation = True
+
+    def __init__(self, cfg: EvalConfig, acc, run, encoder, head, optimizer, schedule, pool: str, val_urls):
+        self.cfg, self.acc, self.run, self.encoder, self.model = cfg, acc, run, encoder, head
+        self.optimizer, self.schedule, self.pool, self.val_urls = optimizer, schedule, pool, val_urls
+        self.val = None  # cached: (features, labels) of the validation set
+        self.metrics: dict = {}
+
+    def loss(self, batch) -> dict:
+        if isinstance(batch, dict):  # images: features recomputed every step (MAE's protocol)
+            with torch.no_grad():
+                features = pooled(self.encoder, batch["images"], self.pool).float()
+            labels = batch["label"]
+        else:
+            features, labels = batch
+        return {"loss": nn.functional.cross_entropy(self.model(features), labels)}
+
+    def evaluate(self, step: int, epochs: int) -> dict:
+        head = self.model
+        head.eval()
+        if self.val is not None:
+            with torch.no_grad():
+                scores = head(self.val[0])
+            metrics = score(scores, self.val[1], scores.shape[1])
+        else:
+            metrics = evaluate(lambda x: head(pooled(self.encoder, x, self.pool).float()),
+                               eval_pass(self.cfg, self.val_urls, self.acc), self.acc)
+        self.run.log.scalars(step, {f"val/{k}": v for k, v in metrics.items() if k in ("top1", "top5")
+                                    and v is not None})
+        self.metrics = metrics
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.metrics = state.get("metrics", {})
 
 
-def _train_cached(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val_urls, run) -> tuple[int, dict]:
+def _train_cached(task: ProbeTask, plan: Plan, cfg, d, train_urls, config_text: str) -> dict:
     """Features once (evaluation transform), then the head on shuffled feature batches; every process trains the
-    same head on the gathered features (the head is tiny), so no gradient exchange is needed."""
+    same head on the same gathered features (the head is tiny), so DDP's gradient average changes nothing; the head
+    is prepared like every model so that checkpoints hold it the same way. A resumed run computes the features again
+    (the same ones)."""
+    acc, encoder = task.acc, task.encoder
     t0 = time.perf_counter()
     progress = cfg.train.progress
-    f_train, y_train = extract(encoder, eval_pass(cfg, train_urls, acc), pool, acc, "features (train)", progress)
-    f_val, y_val = extract(encoder, eval_pass(cfg, val_urls, acc), pool, acc, "features (val)", progress)
-    acc.print(f"features: {len(f_train)} train, {len(f_val)} val in {time.perf_counter() - t0:.1f}s")
-    g = torch.Generator().manual_seed(cfg.seed)
-    batch = d.effective_batch
-
-    def epoch_batches(epoch: int):
-        order = torch.randperm(len(f_train), generator=g).to(f_train.device)
-        for i in range(d.steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            yield f_train[idx], y_train[idx]
-
-    # Each process trains the same head on the same batches (images/s counts one process's share).
-    plan = FitPlan(d.stop_step, log_every=cfg.train.log_every, batch_size=max(1, batch // acc.num_processes),
-                   progress=progress, desc="linprobe")
+    f_train, y_train = extract(encoder, eval_pass(cfg, train_urls, acc), task.pool, acc, "features (train)", progress)
+    task.val = extract(encoder, eval_pass(cfg, task.val_urls, acc), task.pool, acc, "features (val)", progress)
+    acc.print(f"features: {len(f_train)} train, {len(task.val[0])} val in {time.perf_counter() - t0:.1f}s")
+    task.source = TensorSource(f_train, y_train, d.effective_batch, d.steps_per_epoch, cfg.seed)
+    task.model, task.optimizer = acc.prepare(task.model, task.optimizer)
+    # Each process trains the same head on the same batches (images/s counts one process's share); a feature batch
+    # is already the whole effective batch.
+    plan.grad_accum, plan.batch_size = 1, max(1, d.effective_batch // acc.num_processes)
     threads, accum = torch.get_num_threads(), acc.gradient_accumulation_steps
     if acc.device.type == "cpu":  # the head's ops are tiny: thread sync costs more than it saves (10x on busy hosts)
         torch.set_num_threads(1)
-    acc.gradient_accumulation_steps = 1  # a feature batch is already the whole effective batch
+    acc.gradient_accumulation_steps = 1
     try:
-        step, _, _ = fit(head, optimizer, schedule, forever(epoch_batches), _cross_entropy, acc, plan, run.log)
+        return fit(task, plan, acc, task.run, config_text)
     finally:
         torch.set_num_threads(threads)
         acc.gradient_accumulation_steps = accum
-    head.eval()
-    with torch.no_grad():
-        scores = head(f_val)
-    return step, score(scores, y_val, scores.shape[1])
 
 
-def _train_streamed(cfg, d, acc, encoder, head, optimizer, schedule, pool, train_urls, val_urls, run
-                    ) -> tuple[int, dict]:
+def _train_streamed(task: ProbeTask, plan: Plan, cfg, d, train_urls, config_text: str) -> dict:
     """MAE's protocol: crop + flip, features recomputed every step under no_grad, head trained (DDP across
     processes)."""
+    acc = task.acc
     transform = pretrain_transform(cfg.data.img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean,
                                    cfg.data.std)
-    data = ShardStream(train_urls, transform, cfg.train.batch_size, seed=cfg.seed, rank=acc.process_index,
-                       world_size=acc.num_processes, num_streams=max(1, cfg.data.num_workers),
-                       num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
-    head, optimizer = acc.prepare(head, optimizer)
-
-    def epoch_batches(epoch: int):
-        data.set_epoch(epoch)
-        return make_loader(data, cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
-
-    def loss(head: nn.Module, batch: dict) -> dict:
-        with torch.no_grad():
-            features = pooled(encoder, batch["images"], pool).float()
-        return {"loss": nn.functional.cross_entropy(head(features), batch["label"])}
-
-    plan = FitPlan(d.stop_step, grad_accum=cfg.train.grad_accum, log_every=cfg.train.log_every,
-                   batch_size=cfg.train.batch_size, progress=cfg.train.progress, desc="linprobe")
-    step, _, _ = fit(head, optimizer, schedule, forever(epoch_batches), loss, acc, plan, run.log)
-    head.eval()
-    return step, evaluate(lambda x: head(pooled(encoder, x, pool).float()), eval_pass(cfg, val_urls, acc), acc)
+    stream = ShardStream(train_urls, transform, cfg.train.batch_size, seed=cfg.seed, rank=acc.process_index,
+                         world_size=acc.num_processes, num_streams=max(1, cfg.data.num_workers),
+                         num_batches=d.micro_batches_per_epoch, shuffle_buffer=cfg.data.shuffle_buffer)
+    task.source = ShardSource(stream, cfg.data.num_workers, acc.device.type == "cuda")
+    task.model, task.optimizer = acc.prepare(task.model, task.optimizer)
+    return fit(task, plan, acc, task.run, config_text)

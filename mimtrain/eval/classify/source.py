@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 
 from accelerate import Accelerator
 from torch import nn
@@ -11,7 +13,8 @@ from torch import nn
 from mimtrain.checkpoint.encoder import CONFIG_FILE, EncoderSpec, load_encoder, resolve
 from mimtrain.config.classify import EvalConfig
 from mimtrain.config.pretrain import ConfigError
-from mimtrain.data.stream import expand_shards, labelled_pass, num_classes, require_labels
+from mimtrain.data.stream import (class_names, expand_shards, labelled_pass, match_classes, num_classes,
+                                  require_labels, require_samples)
 from mimtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mimtrain.features import resolve_pool
 
@@ -65,21 +68,49 @@ def follow_source(cfg: EvalConfig, source: str, acc: Accelerator) -> EvalConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(data, **fill))
 
 
-def labelled_shards(cfg: EvalConfig, need_val: bool = True) -> tuple[list[str], list[str], int]:
-    """(train urls, val urls, number of classes); refuses missing or unlabelled shards before any work."""
+class ValShards(list):
+    """The validation shard URLs, with the map that numbers their labels by the training classes (None: the same
+    numbering); `eval_pass` applies it."""
+    label_map: list[int] | None = None
+
+
+def labelled_shards(cfg: EvalConfig, need_val: bool = True) -> tuple[list[str], ValShards, int]:
+    """(train urls, val urls, number of classes); refuses, before any work, shards that are missing, empty or
+    unlabelled, val classes that the training shards lack or number differently, and a data.num_classes below the
+    training classes. A val set with fewer classes is mapped by name and says which ones it lacks."""
     if need_val and not cfg.data.val_shards:
         raise ConfigError("set data.val_shards (labelled validation shards) for an evaluation run")
     train = expand_shards(cfg.data.train_shards)
-    val = expand_shards(cfg.data.val_shards) if cfg.data.val_shards else []
-    require_labels(train + val, "evaluation (data.train_shards, data.val_shards)")
-    return train, val, num_classes(train, cfg.data.num_classes)
+    val = ValShards(expand_shards(cfg.data.val_shards, key="data.val_shards") if cfg.data.val_shards else [])
+    require_samples(train, "data.train_shards")
+    require_labels(train, "data.train_shards")
+    if val:
+        require_samples(val, "data.val_shards")
+        require_labels(val, "data.val_shards")
+        val.label_map, missing = match_classes(train, val)
+        if missing:
+            _say(f"data.val_shards lacks {len(missing)} of the {len(class_names(train))} training classes "
+                 f"({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); its labels are mapped by name")
+    n = num_classes(train, cfg.data.num_classes)
+    names = class_names(train)
+    if names is not None and n > len(names):
+        _say(f"warning: data.num_classes={n} is above the {len(names)} classes of the training shards; the extra "
+             "outputs are never trained towards")
+    return train, val, n
+
+
+def _say(line: str) -> None:
+    """One line on the main process (before the Accelerator may exist: RANK is set by every launcher)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
 
 
 def eval_pass(cfg: EvalConfig, urls: list[str], acc: Accelerator):
     """One full, unshuffled pass over this process's share of `urls` with the evaluation transform."""
     t = eval_transform(cfg.data.img_size, cfg.data.mean, cfg.data.std, cfg.data.crop_pct)
     return labelled_pass(urls, t, cfg.train.eval_batch_size, acc.process_index, acc.num_processes,
-                         cfg.data.num_workers, pin_memory=acc.device.type == "cuda")
+                         cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
+                         label_map=urls.label_map if isinstance(urls, ValShards) else None)
 
 
 def build_from_checkpoint(cfg: EvalConfig, source: str, random_init: bool = False,
@@ -89,6 +120,7 @@ def build_from_checkpoint(cfg: EvalConfig, source: str, random_init: bool = Fals
                                random_init=random_init, **cfg.encoder.geometry, **build_kwargs)
     if getattr(model, "mask_token", None) is not None:
         model.mask_token.requires_grad_(False)  # pretraining-only; unused by forward_features
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)  # the one place eval classifiers get it
     return model, spec
 
 

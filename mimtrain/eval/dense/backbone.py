@@ -9,6 +9,11 @@ The encoder's `feature_info` says which strides it produces; every missing strid
 Hierarchical encoders with all four strides (Swin, GC ViT, DGT, GLNet) pass their maps through unchanged. Every level
 then gets its own LayerNorm, as Swin's detection backbone adds: intermediate stage outputs are not normalised.
 
+Plain encoders (one feature level per block, all at one stride: ViT, GPViT) read the final map for every stride by
+default (ViTDet's simple pyramid, detection). With `blocks` they read one block per stride instead, the BEiT / MAE
+UperNet protocol for ADE20K: blocks 4, 6, 8 and 12 of 12 (scaled to other depths), rescaled 4x, 2x, 1x and 0.5x
+(BEiT `semantic_segmentation/backbone/beit.py`, `out_indices=[3, 5, 7, 11]` with its fpn1-fpn4).
+
 Input size: several encoders are bound to the size they are built for (timm's Swin and GC ViT build attention masks
 and window grids for it; ViT and HiViT position tables are per grid). The backbone is therefore built once for a fixed
 `canvas` (the largest input: COCO's 1333 px rounded up to 1344, ADE20K's 512 crop), every input is zero-padded at the
@@ -26,6 +31,7 @@ from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
 STRIDES = (4, 8, 16, 32)
+BEIT_BLOCKS = (4, 6, 8, 12)  # of 12: the blocks BEiT's / MAE's UperNet reads for strides 4, 8, 16, 32
 
 
 def _upsampler(channels: int, factor: int) -> tuple[nn.Module, int]:
@@ -47,23 +53,34 @@ def _downsampler(factor: int) -> nn.Module:
     return nn.MaxPool2d(kernel_size=factor, stride=factor, ceil_mode=True)
 
 
-def plan_levels(feature_info: list[dict]) -> list[tuple[int, str, int]]:
-    """For each stride in STRIDES: (index of the source map in `forward_features`' output, "same"|"up"|"down",
+def plan_levels(feature_info: list[dict], blocks: tuple[int, ...] = ()) -> list[tuple[int, str, int]]:
+    """For each stride in STRIDES: (index of the source map in `forward_intermediates`' output, "same"|"up"|"down",
     factor). A missing stride is pooled from the nearest finer map when there is one, else up-sampled from the
-    nearest coarser one."""
+    nearest coarser one; of several maps at one stride (a plain encoder's blocks) the last, the final map.
+
+    blocks: for a plain encoder (every level at one stride), the block (1-based, of 12; scaled to its depth) each
+    stride reads, BEiT's (4, 6, 8, 12); () or a hierarchical encoder: as above."""
     strides = [int(i["reduction"]) for i in feature_info]
+    if blocks and len(set(strides)) == 1:
+        if len(blocks) != len(STRIDES) or any(not 1 <= b <= 12 for b in blocks):
+            raise ValueError(f"blocks must give one block of 12 (1..12) per stride {STRIDES}, got {list(blocks)}")
+        depth, r = len(strides), strides[0]
+        picks = [max(round(b * depth / 12), 1) - 1 for b in blocks]
+        return [(i, "same" if s == r else "up" if s < r else "down", max(s, r) // min(s, r))
+                for i, s in zip(picks, STRIDES)]
+    last = {r: i for i, r in enumerate(strides)}  # stride -> index of its last (final) map
     plan = []
     for s in STRIDES:
-        if s in strides:
-            plan.append((strides.index(s), "same", 1))
+        if s in last:
+            plan.append((last[s], "same", 1))
             continue
         finer = [r for r in strides if r < s]
         if finer:
             src = max(finer)
-            plan.append((strides.index(src), "down", s // src))
+            plan.append((last[src], "down", s // src))
         else:
             src = min(r for r in strides if r > s)
-            plan.append((strides.index(src), "up", src // s))
+            plan.append((last[src], "up", src // s))
         if s % src and src % s:
             raise ValueError(f"encoder strides {strides} do not divide into {STRIDES}")
     return plan
@@ -74,15 +91,17 @@ class DenseBackbone(nn.Module):
     s in (4, 8, 16, 32); `out_channels` lists C_s.
 
     Args:
-        encoder: any mimtrain encoder built for `canvas` (its `forward_features` runs unmasked).
+        encoder: any mimtrain encoder built for `canvas` (its `forward_intermediates` runs unmasked).
         canvas: (height, width) the encoder was built for.
+        blocks: plain encoders only: the block of 12 each stride reads (BEiT's (4, 6, 8, 12)); () = the final map.
     """
 
-    def __init__(self, encoder: nn.Module, canvas: tuple[int, int]):
+    def __init__(self, encoder: nn.Module, canvas: tuple[int, int], blocks: tuple[int, ...] = ()):
         super().__init__()
         self.encoder = encoder
         self.canvas = tuple(canvas)
-        self.plan = plan_levels(encoder.feature_info)
+        self.plan = plan_levels(encoder.feature_info, tuple(blocks))
+        self.take = sorted({src for src, _, _ in self.plan})  # the levels forward_intermediates returns
         self.resample = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.out_channels: list[int] = []
@@ -102,7 +121,9 @@ class DenseBackbone(nn.Module):
         if H > ch or W > cw:
             raise ValueError(f"input {H}x{W} is larger than the canvas {ch}x{cw} the encoder was built for; raise "
                              "data.canvas (detection) or lower the input size")
-        feats = self.encoder.forward_features(F.pad(x, (0, cw - W, 0, ch - H)))
+        maps = self.encoder.forward_intermediates(F.pad(x, (0, cw - W, 0, ch - H)), indices=self.take,
+                                                  intermediates_only=True)
+        feats = dict(zip(self.take, maps))
         out = []
         for (src, _, _), stride, resample, norm in zip(self.plan, STRIDES, self.resample, self.norms):
             y = norm(resample(feats[src]))

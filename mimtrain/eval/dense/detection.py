@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -25,15 +25,17 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mimtrain.config.dense import DetectConfig
-from mimtrain.config.pretrain import ConfigError
+from mimtrain.config.errors import DataError
+from mimtrain.config.pretrain import ConfigError, to_dict
 from mimtrain.data.coco import CocoInstances, ResizeCrop, coco_metrics, collate, to_coco_results
 from mimtrain.engine.distributed import make_accelerator, unwrap
-from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.fit import Plan, Task, fit
 from mimtrain.engine.optim import step_schedule
-from mimtrain.engine.rundir import TaskRun
+from mimtrain.engine.rundir import Run
+from mimtrain.engine.sources import MapSource
 from mimtrain.eval.dense.backbone import DenseBackbone
 from mimtrain.eval.dense.encoder import build_dense_encoder, dense_param_groups
-from mimtrain.eval.dense.run import process_share, reshuffled, save_final
+from mimtrain.eval.dense.run import process_share, save_final
 
 
 class FPNBackbone(nn.Module):
@@ -120,7 +122,7 @@ def _datasets(cfg: DetectConfig) -> tuple[CocoInstances, CocoInstances]:
     train = CocoInstances(d.root, d.train_split, train=True, hflip=d.hflip, max_images=d.max_images, crop=crop)
     val = CocoInstances(d.root, d.val_split, train=False, max_images=d.max_images)
     if train.cat_ids != val.cat_ids:
-        raise ValueError(f"{train.ann_file} and {val.ann_file} list different categories")
+        raise DataError(f"{train.ann_file} and {val.ann_file} list different categories")
     return train, val
 
 
@@ -133,13 +135,11 @@ def detect(cfg: DetectConfig, source: str) -> dict:
     # Everything that can be refused (data layout, checkpoint fit, schedule) is checked before the first step.
     train_set, val_set = _datasets(cfg)
     canvas = canvas_size(cfg)
-    encoder, spec = build_dense_encoder(cfg.encoder, source, canvas)
+    encoder, spec = build_dense_encoder(cfg.encoder, source, canvas, cfg.train.grad_checkpointing)
     model = build_detector(encoder, len(train_set.cat_ids), cfg, canvas)
-    sampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        collate_fn=collate, drop_last=True, persistent_workers=cfg.data.num_workers > 0)
-    steps_per_epoch = len(loader) // t.grad_accum
+    data = MapSource(train_set, t.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+                     num_workers=cfg.data.num_workers, collate_fn=collate, grad_accum=t.grad_accum)
+    steps_per_epoch = data.batches_per_epoch // t.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(f"{len(train_set)} training images give no optimizer step per epoch at train.batch_size="
                           f"{t.batch_size} x {acc.num_processes} processes x grad_accum={t.grad_accum}")
@@ -149,31 +149,61 @@ def detect(cfg: DetectConfig, source: str) -> dict:
     optimizer = torch.optim.AdamW(dense_param_groups(model, encoder, o.weight_decay, o.layer_decay), lr=o.lr,
                                   betas=tuple(o.betas))
     schedule = step_schedule(optimizer, o.warmup_iters, o.warmup_ratio, [e * steps_per_epoch for e in t.lr_steps])
-    derived = {"canvas": canvas, "num_classes": len(train_set.cat_ids), "train_images": len(train_set),
-               "val_images": len(val_set), "steps_per_epoch": steps_per_epoch, "total_steps": total,
-               "stop_step": stop, "effective_batch": t.batch_size * acc.num_processes * t.grad_accum,
-               "encoder": asdict(spec)}
-    run = TaskRun(cfg, acc, derived)
-    acc.print(f"detect: Mask R-CNN on {spec.describe()} from {source}: {derived['num_classes']} classes, "
-              f"{len(train_set)} train / {len(val_set)} val images, canvas {canvas}, {steps_per_epoch} steps/epoch, "
-              f"stop at {stop}; lr {o.lr:g}, layer decay {o.layer_decay}")
-    model, optimizer = acc.prepare(model, optimizer)
-
-    def evaluate(step: int, epochs: int) -> dict:
-        metrics, text = evaluate_detection(unwrap(acc, model), val_set, cfg, acc)  # unwrapped: no DDP collectives
+    derived = {"task": "detect", "world_size": acc.num_processes, "canvas": canvas,
+               "num_classes": len(train_set.cat_ids), "train_images": len(train_set), "val_images": len(val_set),
+               "steps_per_epoch": steps_per_epoch, "total_steps": total, "stop_step": stop,
+               "effective_batch": t.batch_size * acc.num_processes * t.grad_accum, "encoder": asdict(spec)}
+    run = Run(acc, cfg, sources=(source,))  # refusals and lock before anything is written
+    try:
+        config_text = run.start({**to_dict(cfg), "derived": derived})
+        acc.print(f"detect: Mask R-CNN on {spec.describe()} from {source}: {derived['num_classes']} classes, "
+                  f"{len(train_set)} train / {len(val_set)} val images, canvas {canvas}, {steps_per_epoch} "
+                  f"steps/epoch, stop at {stop}; lr {o.lr:g}, layer decay {o.layer_decay}")
+        model, optimizer = acc.prepare(model, optimizer)
+        task = DetectTask(cfg, acc, run, model, optimizer, schedule, encoder, data, val_set)
+        plan = Plan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
+                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
+                    batch_size=t.batch_size, eval_every_steps=t.eval_every * steps_per_epoch,
+                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="detect")
+        out = fit(task, plan, acc, run, config_text)
+        if out["preempted"]:
+            return {"task": "detect", "preempted": True, "step": out["step"]}
+        metrics = task.metrics
+        results = {"task": "detect", "source": str(source), "encoder": spec.name, "step": out["step"],
+                   "epochs": out["step"] / steps_per_epoch, **metrics}
         if metrics:
-            run.log.scalars(step, {f"val/{k}_{n}": v for k in ("bbox", "segm") for n, v in metrics[k].items()})
-            run.say(f"step {step}: box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}\n{text}")
+            results.update(box_ap=metrics["bbox"]["AP"], mask_ap=metrics["segm"]["AP"])
+        save_final(model, run.dir, acc)
+        return run.finish(results)
+    finally:
+        run.close()
+
+
+class DetectTask(Task):
+    """torchvision's five Mask R-CNN losses; COCO box and mask AP (main process) as the evaluation."""
+    has_evaluation = True
+
+    def __init__(self, cfg: DetectConfig, acc, run, model, optimizer, schedule, encoder, source: MapSource,
+                 val_set: CocoInstances):
+        self.cfg, self.acc, self.run, self.model, self.optimizer = cfg, acc, run, model, optimizer
+        self.schedule, self.encoder, self.source, self.val_set = schedule, encoder, source, val_set
+        self.metrics: dict = {}
+
+    def loss(self, batch) -> dict:
+        return detection_losses(self.model, batch)
+
+    def evaluate(self, step: int, epochs: int) -> dict:
+        acc = self.acc
+        metrics, text = evaluate_detection(unwrap(acc, self.model), self.val_set, self.cfg, acc)  # no DDP collectives
+        if metrics:
+            self.run.log.scalars(step, {f"val/{k}_{n}": v for k in ("bbox", "segm") for n, v in metrics[k].items()})
+            self.run.say(f"step {step}: box AP {metrics['bbox']['AP']:.4f}, mask AP {metrics['segm']['AP']:.4f}\n"
+                         f"{text}")
+        self.metrics = metrics
         return metrics
 
-    plan = FitPlan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
-                   batch_size=t.batch_size, eval_every_steps=t.eval_every * steps_per_epoch, progress=t.progress,
-                   desc="detect")
-    step, _, metrics = fit(model, optimizer, schedule, forever(reshuffled(loader)), detection_losses, acc, plan,
-                           run.log, evaluate=evaluate, before_step=getattr(encoder, "on_step", None))
-    results = {"task": "detect", "source": str(source), "encoder": spec.name, "step": step,
-               "epochs": step / steps_per_epoch, **metrics}
-    if metrics:
-        results.update(box_ap=metrics["bbox"]["AP"], mask_ap=metrics["segm"]["AP"])
-    save_final(model, run.dir, acc)
-    return run.finish(results)
+    def state_dict(self) -> dict:
+        return {"metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.metrics = state.get("metrics", {})

@@ -10,11 +10,14 @@ from mimtrain.encoders.base import classifier_keys
 from mimtrain.engine.optim import layer_decay_groups
 
 
-def build_dense_encoder(enc: DenseEncoderConfig, source: str, canvas: int) -> tuple[nn.Module, EncoderSpec]:
+def build_dense_encoder(enc: DenseEncoderConfig, source: str, canvas: int,
+                        grad_checkpointing: bool = False) -> tuple[nn.Module, EncoderSpec]:
     """The checkpoint's encoder built for `canvas` x `canvas` (position and relative-bias tables resized on load),
-    with the parameters dense tasks never use frozen: the SimMIM mask token and the classification head."""
+    with the parameters dense tasks never use frozen: the SimMIM mask token and the classification head.
+    grad_checkpointing: `train.grad_checkpointing`, applied here for detection and segmentation alike."""
     model, spec = load_encoder(source, enc.name, enc.kwargs, canvas, num_classes=0,
                                drop_path_rate=enc.drop_path_rate, **enc.geometry)
+    model.set_grad_checkpointing(grad_checkpointing)
     head = classifier_keys(model)
     for name, p in model.named_parameters():
         if name == "mask_token" or name.startswith(head):

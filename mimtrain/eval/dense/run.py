@@ -1,25 +1,13 @@
-"""What a dense run does around its model, alike for detection and segmentation: the training batches epoch after
-epoch, the part of the evaluation set each process scores, and the trained model written to `final/`."""
+"""What a dense run does around its model, alike for detection and segmentation: the part of the evaluation set each
+process scores, and the trained model written to `final/` (the training batches: `engine.sources.MapSource`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
 
 from mimtrain.engine.distributed import unwrap
-
-
-def reshuffled(loader: DataLoader) -> Callable[[int], DataLoader]:
-    """For `engine.fit.forever`: epoch e's batches are `loader` with its DistributedSampler set to e, so each epoch
-    draws a new shuffle (the same on every process: the sampler's seed + e)."""
-    def epoch_batches(epoch: int) -> DataLoader:
-        loader.sampler.set_epoch(epoch)
-        return loader
-    return epoch_batches
 
 
 def process_share(n: int, acc: Accelerator) -> list[int]:

@@ -15,18 +15,19 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from mimtrain.config.dense import SegmentConfig, UperNetConfig
-from mimtrain.config.pretrain import ConfigError
+from mimtrain.config.pretrain import ConfigError, to_dict
 from mimtrain.data.ade20k import IGNORE, SPLITS, Ade20kTrain, Ade20kVal, IoUMeter, check_labels, find_root, list_pairs
 from mimtrain.engine.distributed import make_accelerator
-from mimtrain.engine.fit import FitPlan, fit, forever
+from mimtrain.engine.fit import Plan, Task, fit
 from mimtrain.engine.optim import poly_schedule
-from mimtrain.engine.rundir import TaskRun
-from mimtrain.eval.dense.backbone import DenseBackbone
+from mimtrain.engine.rundir import Run
+from mimtrain.engine.sources import MapSource
+from mimtrain.eval.dense.backbone import BEIT_BLOCKS, DenseBackbone
 from mimtrain.eval.dense.encoder import build_dense_encoder, dense_param_groups
-from mimtrain.eval.dense.run import process_share, reshuffled, save_final
+from mimtrain.eval.dense.run import process_share, save_final
 from mimtrain.eval.dense.upernet import FCNHead, UperNetHead
 
 
@@ -132,41 +133,72 @@ def segment(cfg: SegmentConfig, source: str) -> dict:
     t, d, o = cfg.train, cfg.data, cfg.optim
     # Everything that can be refused (data layout, label ids, checkpoint fit) is checked before the first step.
     train_set, val_set = _data(cfg)
-    encoder, spec = build_dense_encoder(cfg.encoder, source, d.crop_size)
-    segmentor = Segmentor(DenseBackbone(encoder, (d.crop_size, d.crop_size)), d.num_classes, cfg.model)
+    encoder, spec = build_dense_encoder(cfg.encoder, source, d.crop_size, cfg.train.grad_checkpointing)
+    blocks = BEIT_BLOCKS if cfg.model.block_levels else ()
+    segmentor = Segmentor(DenseBackbone(encoder, (d.crop_size, d.crop_size), blocks), d.num_classes, cfg.model)
     if acc.num_processes > 1:  # batch statistics over all processes' crops, as MMSegmentation's SyncBN
         segmentor = nn.SyncBatchNorm.convert_sync_batchnorm(segmentor)
-    sampler = DistributedSampler(train_set, num_replicas=acc.num_processes, rank=acc.process_index, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, num_workers=d.num_workers,
-                        drop_last=True, persistent_workers=d.num_workers > 0)
-    if len(loader) < 1:
-        raise ConfigError(f"{len(train_set)} training images give no batch of train.batch_size={t.batch_size} on "
-                          f"{acc.num_processes} processes")
+    data = MapSource(train_set, t.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+                     num_workers=d.num_workers, grad_accum=t.grad_accum)
+    if data.batches_per_epoch < 1:
+        raise ConfigError(f"{len(train_set)} training images give no optimizer step of train.batch_size="
+                          f"{t.batch_size} x grad_accum={t.grad_accum} on {acc.num_processes} processes")
     if t.iters < 1:
         raise ConfigError(f"train.iters (the length of the poly schedule) must be at least 1, got {t.iters}")
     stop = t.max_steps or t.iters
     optimizer = torch.optim.AdamW(dense_param_groups(segmentor, encoder, o.weight_decay, o.layer_decay), lr=o.lr,
                                   betas=tuple(o.betas))
     schedule = poly_schedule(optimizer, o.warmup_iters, o.warmup_ratio, t.iters, t.poly_power)
-    derived = {"canvas": d.crop_size, "train_images": len(train_set), "val_images": len(val_set), "stop_step": stop,
+    derived = {"task": "segment", "world_size": acc.num_processes, "canvas": d.crop_size,
+               "train_images": len(train_set), "val_images": len(val_set), "stop_step": stop,
                "effective_batch": t.batch_size * acc.num_processes * t.grad_accum, "encoder": asdict(spec)}
-    run = TaskRun(cfg, acc, derived)
-    acc.print(f"segment: UperNet on {spec.describe()} from {source}: {d.num_classes} classes, {len(train_set)} train "
-              f"/ {len(val_set)} val images, crop {d.crop_size}, {t.iters} iterations (stop at {stop}); lr "
-              f"{o.lr:g}, layer decay {o.layer_decay}")
-    model, optimizer = acc.prepare(SegmentationLoss(segmentor), optimizer)
+    run = Run(acc, cfg, sources=(source,))  # refusals and lock before anything is written
+    try:
+        config_text = run.start({**to_dict(cfg), "derived": derived})
+        acc.print(f"segment: UperNet on {spec.describe()} from {source}: {d.num_classes} classes, {len(train_set)} "
+                  f"train / {len(val_set)} val images, crop {d.crop_size}, {t.iters} iterations (stop at {stop}); "
+                  f"lr {o.lr:g}, layer decay {o.layer_decay}")
+        model, optimizer = acc.prepare(SegmentationLoss(segmentor), optimizer)
+        task = SegmentTask(cfg, acc, run, model, optimizer, schedule, encoder, data, segmentor, val_set)
+        plan = Plan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
+                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
+                    batch_size=t.batch_size, eval_every_steps=t.eval_every,
+                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="segment")
+        out = fit(task, plan, acc, run, config_text)
+        if out["preempted"]:
+            return {"task": "segment", "preempted": True, "step": out["step"]}
+        results = {"task": "segment", "source": str(source), "encoder": spec.name, "step": out["step"],
+                   **task.metrics}
+        save_final(segmentor, run.dir, acc)
+        return run.finish(results)
+    finally:
+        run.close()
 
-    def evaluate(step: int, epochs: int) -> dict:
-        metrics = evaluate_segmentation(segmentor, val_set, cfg, acc)  # unwrapped: no DDP collectives
-        run.log.scalars(step, {f"val/{k}": metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
-        run.say(f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, aAcc {metrics['aAcc']:.4f}")
+
+class SegmentTask(Task):
+    """UperNet's cross-entropy (+ the auxiliary head's); mIoU, mAcc and pixel accuracy by sliding windows."""
+    has_evaluation = True
+
+    def __init__(self, cfg: SegmentConfig, acc, run, model, optimizer, schedule, encoder, source: MapSource,
+                 segmentor: Segmentor, val_set: Ade20kVal):
+        self.cfg, self.acc, self.run, self.model, self.optimizer = cfg, acc, run, model, optimizer
+        self.schedule, self.encoder, self.source = schedule, encoder, source
+        self.segmentor, self.val_set = segmentor, val_set
+        self.metrics: dict = {}
+
+    def loss(self, batch) -> dict:
+        return self.model(*batch)
+
+    def evaluate(self, step: int, epochs: int) -> dict:
+        metrics = evaluate_segmentation(self.segmentor, self.val_set, self.cfg, self.acc)  # unwrapped: no DDP
+        self.run.log.scalars(step, {f"val/{k}": metrics[k] for k in ("mIoU", "mAcc", "aAcc")})
+        self.run.say(f"step {step}: mIoU {metrics['mIoU']:.4f}, mAcc {metrics['mAcc']:.4f}, "
+                     f"aAcc {metrics['aAcc']:.4f}")
+        self.metrics = metrics
         return metrics
 
-    plan = FitPlan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
-                   batch_size=t.batch_size, eval_every_steps=t.eval_every, progress=t.progress, desc="segment")
-    step, _, metrics = fit(model, optimizer, schedule, forever(reshuffled(loader)), lambda m, b: m(*b), acc, plan,
-                           run.log, evaluate=evaluate, before_step=getattr(encoder, "on_step", None))
-    results = {"task": "segment", "source": str(source), "encoder": spec.name, "step": step, **metrics}
-    save_final(segmentor, run.dir, acc)
-    return run.finish(results)
+    def state_dict(self) -> dict:
+        return {"metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.metrics = state.get("metrics", {})
