@@ -8,8 +8,8 @@ BIN=.venv/bin
 DATA=demo_data
 [ -d "$DATA/images" ] || "$BIN/mimtrain" demo-data "$DATA/images"
 [ -f "$DATA/shards/index.json" ] || "$BIN/mimtrain" make-shards "$DATA/images" "$DATA/shards" --shard-size 200 --overwrite  # a half-written folder has no index.json
-# resume=auto: a second `make demo` continues (or, when finished, reuses) the run instead of being refused for
-# writing into a used output_dir.
+# resume=auto (here and on the probes): a second `make demo` continues (or, when finished, reuses) each run instead of
+# being refused for writing into a used output_dir.
 "$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     -m mimtrain pretrain --recipe recipes/pretrain/mae_vit_tiny_cpu.yaml resume=auto "$@"
 
@@ -34,9 +34,9 @@ if [ ! -f "$PROBE/val/index.json" ]; then
     "$BIN/mimtrain" make-shards "$PROBE/images_val" "$PROBE/val" --shard-size 500
 fi
 "$BIN/mimtrain" linprobe --recipe recipes/linprobe/demo_digits_cpu.yaml --from "$RUN" \
-    output_dir=runs/demo_linprobe_pretrained
+    output_dir=runs/demo_linprobe_pretrained resume=auto
 "$BIN/mimtrain" linprobe --recipe recipes/linprobe/demo_digits_cpu.yaml --from "$RUN" --random-init \
-    output_dir=runs/demo_linprobe_random
+    output_dir=runs/demo_linprobe_random resume=auto
 "$BIN/python" - <<'PY'
 import json
 p = json.load(open("runs/demo_linprobe_pretrained/results.json"))

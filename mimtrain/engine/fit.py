@@ -92,6 +92,14 @@ class Plan:
     progress: bool = True
     desc: str = "train"
 
+    @classmethod
+    def of(cls, t, stop_step: int, clip_grad: float, desc: str, **when) -> "Plan":
+        """The plan of a command from its `train` section, whose run keys mean the same for every command; `when`:
+        the command's evaluation points (eval_every_steps / eval_every_epochs) and dist_timeout_s."""
+        return cls(stop_step, grad_accum=t.grad_accum, clip_grad=clip_grad, log_every=t.log_every,
+                   ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every, batch_size=t.batch_size,
+                   preempt_check_every=t.preempt_check_every, progress=t.progress, desc=desc, **when)
+
 
 class Task:
     """What one command trains. Set `model`, `optimizer`, `schedule`, `source` and `encoder` (whose `on_step` the
@@ -131,12 +139,14 @@ class Task:
         """True when `metrics` (just evaluated) beat every earlier evaluation: that step's checkpoint is kept."""
         return False
 
+    metrics: dict = {}  # the last evaluation; `evaluate` rebinds it (never mutated in place)
+
     def state_dict(self) -> dict:
-        """JSON-able state of the task (the best metric), saved in every checkpoint."""
-        return {}
+        """JSON-able state of the task (the last evaluation, the best metric), saved in every checkpoint."""
+        return {"metrics": self.metrics}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.metrics = state.get("metrics", {})
 
     def check_resume(self, saved_config: dict) -> None:
         """Raise CheckpointError when a checkpoint's config is another run's (another encoder, task)."""

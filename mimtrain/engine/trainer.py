@@ -59,10 +59,7 @@ def pretrain(cfg: Config) -> dict:
                              on_batch=(lambda b: trace.write("\n".join(b["key"]) + "\n")) if trace else None)
         task = PretrainTask(cfg, accelerator, method, optimizer, schedule, source, knn, run)
         t = cfg.train
-        plan = Plan(d.stop_step, grad_accum=t.grad_accum, clip_grad=cfg.optim.clip_grad, log_every=t.log_every,
-                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
-                    batch_size=t.batch_size, preempt_check_every=t.preempt_check_every,
-                    dist_timeout_s=t.dist_timeout_s, progress=t.progress, desc="pretrain")
+        plan = Plan.of(t, d.stop_step, cfg.optim.clip_grad, "pretrain", dist_timeout_s=t.dist_timeout_s)
         try:
             out = fit(task, plan, accelerator, run, config_text)
         finally:

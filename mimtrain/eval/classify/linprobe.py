@@ -103,9 +103,7 @@ def linprobe(cfg: EvalConfig, source: str, random_init: bool = False) -> dict:
                   f"features, dim {encoder.embed_dim}): {lr_text}; {d.steps_per_epoch} steps/epoch, stop at "
                   f"{d.stop_step}")
         t = cfg.train
-        plan = Plan(d.stop_step, grad_accum=t.grad_accum, log_every=t.log_every, ckpt_every=t.ckpt_every,
-                    keep_last=t.keep_last, keep_every=t.keep_every, batch_size=t.batch_size,
-                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="linprobe")
+        plan = Plan.of(t, d.stop_step, 0.0, "linprobe")
         task = ProbeTask(cfg, acc, run, encoder, head, optimizer, schedule, pool, val_urls)
         if cfg.linprobe.cache_features:
             out = _train_cached(task, plan, cfg, d, train_urls, config_text)
@@ -154,12 +152,6 @@ class ProbeTask(Task):
                                     and v is not None})
         self.metrics = metrics
         return metrics
-
-    def state_dict(self) -> dict:
-        return {"metrics": self.metrics}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.metrics = state.get("metrics", {})
 
 
 def _train_cached(task: ProbeTask, plan: Plan, cfg, d, train_urls, config_text: str) -> dict:

@@ -161,10 +161,7 @@ def detect(cfg: DetectConfig, source: str) -> dict:
                   f"steps/epoch, stop at {stop}; lr {o.lr:g}, layer decay {o.layer_decay}")
         model, optimizer = acc.prepare(model, optimizer)
         task = DetectTask(cfg, acc, run, model, optimizer, schedule, encoder, data, val_set)
-        plan = Plan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
-                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
-                    batch_size=t.batch_size, eval_every_steps=t.eval_every * steps_per_epoch,
-                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="detect")
+        plan = Plan.of(t, stop, o.clip_grad, "detect", eval_every_steps=t.eval_every * steps_per_epoch)
         out = fit(task, plan, acc, run, config_text)
         if out["preempted"]:
             return {"task": "detect", "preempted": True, "step": out["step"]}
@@ -201,9 +198,3 @@ class DetectTask(Task):
                          f"{text}")
         self.metrics = metrics
         return metrics
-
-    def state_dict(self) -> dict:
-        return {"metrics": self.metrics}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.metrics = state.get("metrics", {})

@@ -160,10 +160,7 @@ def segment(cfg: SegmentConfig, source: str) -> dict:
                   f"lr {o.lr:g}, layer decay {o.layer_decay}")
         model, optimizer = acc.prepare(SegmentationLoss(segmentor), optimizer)
         task = SegmentTask(cfg, acc, run, model, optimizer, schedule, encoder, data, segmentor, val_set)
-        plan = Plan(stop, grad_accum=t.grad_accum, clip_grad=o.clip_grad, log_every=t.log_every,
-                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
-                    batch_size=t.batch_size, eval_every_steps=t.eval_every,
-                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="segment")
+        plan = Plan.of(t, stop, o.clip_grad, "segment", eval_every_steps=t.eval_every)
         out = fit(task, plan, acc, run, config_text)
         if out["preempted"]:
             return {"task": "segment", "preempted": True, "step": out["step"]}
@@ -196,9 +193,3 @@ class SegmentTask(Task):
                      f"aAcc {metrics['aAcc']:.4f}")
         self.metrics = metrics
         return metrics
-
-    def state_dict(self) -> dict:
-        return {"metrics": self.metrics}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.metrics = state.get("metrics", {})
