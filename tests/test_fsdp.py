@@ -4,7 +4,10 @@ a GPU launch (`engine.distributed._fsdp_over_gloo`).
 Against a 2-process DDP run of the same recipe and seed (same data, masks, schedule and clipping): per-step losses
 within 2e-5 for a tiny MAE ViT and a tiny SimMIM Swin, a sharded checkpoint (one torch.distributed.checkpoint file per
 process), kill -9 in the middle of a save then `resume=auto`, and `export` of the sharded run giving DDP's encoder.
+Fine-tuning (`mimtrain finetune`, recipes/finetune/tiny_cpu.yaml) from that DDP run's export: DDP's losses, results
+and exports after kill -9 and `resume=auto`, with evaluation shares of unequal length; its EMA is refused.
 """
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import PY, REPO, TINY_MAE, make_test_shards
+from mimtrain.checkpoint.encoder import load_encoder
 from mimtrain.checkpoint.export import export
 from mimtrain.config.pretrain import load_config
 from mimtrain.engine.distributed import block_classes
 from mimtrain.methods import build_pretraining
 from mimtrain.checkpoint.state import PAUSE_ENV, verify
+from mimtrain.engine.fit import SIGNAL_ENV
+from mimtrain.eval.classify.finetune import FSDP_NO_EMA
 from test_distributed import ENV, FAST, LAUNCH, _assert_same_losses, _latest, _launch, _metrics, _port
 
 STEPS = 10
@@ -107,8 +113,6 @@ def test_fsdp_mae_matches_ddp_survives_kill9_and_exports_ddps_encoder(shards, dd
     # As for ZeRO (test_distributed): Adam's 1/sqrt(v) grows reduction-order noise on near-zero gradients to ~3e-5.
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    from mimtrain.checkpoint.encoder import load_encoder
-
     with torch.no_grad():
         fa, fb = (load_encoder(p)[0].eval().forward_features(x) for p in (ddp_mae, exported))
     assert (fa - fb).abs().max().item() < 1e-4
@@ -125,3 +129,39 @@ def test_fsdp_simmim_swin_matches_ddp(shards, tmp_path):
     _assert_same_losses(runs["multi_gpu.yaml"], runs["fsdp.yaml"], range(1, STEPS + 1), tol=2e-5)
     losses = _metrics(runs["fsdp.yaml"])
     assert losses[STEPS]["loss"] < losses[1]["loss"] - 0.1  # it trains
+
+
+def test_fsdp_finetune_matches_ddp_and_resumes_after_kill9(shards, ddp_mae, tmp_path):
+    val = make_test_shards(tmp_path / "val", classes=3, per_class=3, shard_size=4)  # 9 images: 3 and 2 batches
+    args = ["finetune", "--recipe", "recipes/finetune/tiny_cpu.yaml", "--from", str(ddp_mae),
+            f"data.train_shards={shards}", f"data.val_shards={val}", "train.eval_batch_size=2", "optim.lr=0.01",
+            "optim.clip_grad=0.5", "train.ckpt_every=4"]  # 5 steps an epoch, 2 epochs; layer decay and Mixup on
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _launch("multi_gpu.yaml", 2, [*args, f"output_dir={ddp}"])
+
+    proc = _launch("fsdp.yaml", 2, [*args, f"output_dir={tmp_path / 'ema'}", "finetune.ema=true"], check=False)
+    assert proc.returncode != 0 and FSDP_NO_EMA in proc.stderr and not (tmp_path / "ema").exists()
+
+    # Both processes SIGKILL themselves after step 7: the latest checkpoint is step 5's (the first evaluation, best).
+    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "fsdp.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_port()), "-m", "mimtrain", *args, f"output_dir={fsdp}"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**ENV, SIGNAL_ENV: "7:KILL"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and _latest(fsdp).name == "step-00000005", proc.stderr[-3000:]
+    ckpt = _latest(fsdp)
+    assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    verify(ckpt)
+    assert "at step 5" in _launch("fsdp.yaml", 2, [*args, f"output_dir={fsdp}", "resume=auto"]).stdout
+
+    _assert_same_losses(ddp, fsdp, range(1, 11), tol=2e-5)  # 6-7 logged twice: the resumed run's rows count
+    results = [json.loads((out / "results.json").read_text()) for out in (ddp, fsdp)]
+    assert results[0] == results[1] and results[1]["step"] == 10 and results[1]["num_val"] == 9
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in ("best", "final"):  # gathered from the shards: whole weights, head included, as DDP's (Adam noise)
+        a, b = (load_file(str(out / name / "encoder.safetensors")) for out in (ddp, fsdp))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+        with torch.no_grad():
+            la, lb = (load_encoder(out / name, new_head=False)[0].eval()(x) for out in (ddp, fsdp))
+        assert la.shape == (2, 4) and (la - lb).abs().max().item() < 1e-4
+    pre = load_file(str(ddp_mae / "encoder.safetensors"))  # it trains: the pretrained blocks moved (lr 0.01)
+    assert max((b[k] - pre[k]).abs().max().item() for k in pre.keys() & b.keys()) > 1e-3

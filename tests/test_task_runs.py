@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from helpers import PY, REPO, TINY_MAE, make_test_shards
@@ -210,3 +211,23 @@ def test_bench_times_the_loops_own_step(monkeypatch):
                                  "num_heads: 2}", "method.decoder_depth=1", "method.decoder_dim=32"],
                    "batch": 2, "steps": 2, "warmup": 1, "precision": "fp32", "data": ""})
     assert calls == [0, 1, 2] and row["images_per_sec"] > 0
+
+
+def test_export_takes_a_finetunes_best_or_final_and_names_them_for_its_run(world, capsys, monkeypatch):
+    """`mimtrain export RUN/best` (or final) rewrites the classifier export whole: same tensors, same spec; the run
+    folder itself (its training state is a classifier's, not a pretraining checkpoint) is refused naming both."""
+    ft = _straight(world, "finetune", monkeypatch)
+    for which in ("best", "final"):
+        out = world["root"] / f"exported_{which}"
+        cli.main(["export", str(ft / which), str(out)])
+        x, y = (load_file(str(d / "encoder.safetensors")) for d in (ft / which, out))
+        assert x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+        spec = yaml.safe_load((out / "config.yaml").read_text())["encoder"]
+        assert spec == yaml.safe_load((ft / which / "config.yaml").read_text())["encoder"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(ft), str(world["root"] / "exported_run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and len(err.splitlines()) == 1, err
+    assert "finetune checkpoint, not a pretraining one" in err and str(ft / "best") in err and str(ft / "final") in err
+    assert not (world["root"] / "exported_run").exists()

@@ -160,6 +160,11 @@ def read_source(path: str | Path) -> Source:
     if not (p / CONFIG_FILE).is_file():
         raise BadWeightsFile(f"checkpoint {p} has no {CONFIG_FILE}: cannot tell which encoder it holds")
     cfg = verify(p, training_state=False)  # config and weight files read back; a damaged one is named
+    if "method" not in cfg:  # fine-tuning, probes, detection, segmentation: their encoder travels in their exports
+        task = (cfg.get("derived") or {}).get("task", "evaluation")
+        run = p.parent.parent if p.parent.name == "checkpoints" else p
+        raise BadWeightsFile(f"{p} is a {task} checkpoint, not a pretraining one: read the export its run wrote "
+                             f"instead (fine-tuning: {run / 'best'} or {run / 'final'})")
     return Source(_encoder_part(method_state(p)), _spec_from_pretraining(cfg), str(p))
 
 

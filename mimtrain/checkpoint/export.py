@@ -57,8 +57,8 @@ def write_export(out: str | Path, state: dict[str, Tensor] | nn.Module, spec: En
     return out
 
 
-def write_classifier_export(out: str | Path, model: nn.Module, spec: EncoderSpec, img_size: int, num_classes: int,
-                            data: dict, train_urls: list[str]) -> Path:
+def write_classifier_export(out: str | Path, model: dict[str, Tensor] | nn.Module, spec: EncoderSpec, img_size: int,
+                            num_classes: int, data: dict, train_urls: list[str]) -> Path:
     """A fine-tuned classifier: the spec at the fine-tuning size with its head's class count, so it rebuilds whole."""
     spec = replace(spec, img_size=img_size, kwargs={**spec.kwargs, "num_classes": num_classes})
     return write_export(out, model, spec, data, "finetune", train_urls)
@@ -74,7 +74,7 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False) -> Pat
         raise LoadError(f"{p} is a plain state dict: it carries no config to export (load it with "
                         "--from and encoder.name instead)")
     with torch.device("meta"):  # check that the weights rebuild the architecture without allocating it
-        model = source.spec.build(num_classes=0)
+        model = source.spec.build()  # a fine-tuned classifier's spec carries its num_classes, an encoder's none
     load_into(model, {k: v.to("meta") for k, v in source.state.items()}, source.where, source.spec.describe(),
               new_head=False)
     data = None

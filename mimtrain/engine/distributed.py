@@ -218,6 +218,15 @@ def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
         return accelerator.unwrap_model(model)
 
 
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The prepared model's whole state dict, under the unwrapped module's names, on the main process (what an
+    export writes). Under FSDP every process must call it: the shards are gathered (on CPU, to the main process only;
+    the others get an empty dict)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return accelerator.get_state_dict(model)
+    return unwrap(accelerator, model).state_dict()
+
+
 def zero_stage(accelerator: Accelerator) -> int:
     """DeepSpeed's ZeRO stage, 0 when not under DeepSpeed."""
     if not is_deepspeed(accelerator):
@@ -228,6 +237,21 @@ def zero_stage(accelerator: Accelerator) -> int:
 def params_sharded(accelerator: Accelerator) -> bool:
     """Whether parameters are partitioned over processes (ZeRO-3, FSDP): a forward is then a collective."""
     return zero_stage(accelerator) == 3 or accelerator.distributed_type == DistributedType.FSDP
+
+
+def in_lockstep(batches, accelerator: Accelerator, pad: dict):
+    """`batches`, then `pad` until every process has run out of its own. With sharded parameters a forward is a
+    collective, and the evaluation shares of the processes can differ by a batch or more: a process that stopped
+    early would leave the others waiting in their next forward for ever. Elsewhere `batches` unchanged."""
+    if not params_sharded(accelerator):
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if accelerator.reduce(torch.tensor(float(batch is not None), device=accelerator.device), "sum").item() == 0:
+            return
+        yield pad if batch is None else batch
 
 
 def module_dtype(accelerator: Accelerator) -> torch.dtype | None:

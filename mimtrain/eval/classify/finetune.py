@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
+from accelerate.utils import DistributedType
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -20,10 +21,10 @@ from torch import Tensor, nn
 
 from mimtrain.checkpoint.export import write_classifier_export
 from mimtrain.config.classify import EvalConfig
-from mimtrain.config.pretrain import derive, describe_lr, to_dict
+from mimtrain.config.pretrain import ConfigError, derive, describe_lr, to_dict
 from mimtrain.data.stream import ShardStream, count_samples
 from mimtrain.data.transforms import finetune_transform
-from mimtrain.engine.distributed import make_accelerator, unwrap
+from mimtrain.engine.distributed import full_state_dict, in_lockstep, make_accelerator, unwrap
 from mimtrain.engine.fit import Plan, Task, fit
 from mimtrain.engine.optim import build_schedule, layer_decay_groups
 from mimtrain.engine.rundir import Run
@@ -31,6 +32,11 @@ from mimtrain.engine.sources import ShardSource
 from mimtrain.eval.classify.source import (build_from_checkpoint, eval_pass, follow_source,
                                            labelled_shards)
 from mimtrain.features import evaluate, logits, resolve_pool
+
+# timm's EMA deep-copies the prepared model and updates it from whole parameters: FSDP2 refuses the copy ("FSDP does
+# not support deepcopy") and each process holds only a shard of every parameter.
+FSDP_NO_EMA = ("finetune.ema is not available under FSDP (the EMA is a whole copy of the model; FSDP keeps a shard "
+               "of each parameter per process): set finetune.ema=false, or launch with multi_gpu.yaml (DDP)")
 
 
 def train_transform(cfg: EvalConfig):
@@ -54,6 +60,8 @@ class Classifier(nn.Module):
 def finetune(cfg: EvalConfig, source: str) -> dict:
     """Fine-tune the encoder in `source` (run dir, checkpoint, export or weights file). Returns the results dict."""
     acc = make_accelerator(cfg.train.grad_accum, cfg.train.precision, seed=cfg.seed)
+    if cfg.finetune.ema and acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError(FSDP_NO_EMA)
     cfg = follow_source(cfg, source, acc)  # unset img_size / mean / std: the source's
     # Everything that can be refused (shards, classes, checkpoint fit, schedule) is checked before any step.
     train_urls, val_urls, n_cls = labelled_shards(cfg)
@@ -93,17 +101,16 @@ def finetune(cfg: EvalConfig, source: str) -> dict:
                              shuffle_buffer=cfg.data.shuffle_buffer)
 
         def export(name: str) -> None:  # the classifier as an export (its spec carries num_classes: it has a head)
+            state = full_state_dict(acc, model)  # under FSDP a collective: every process gathers the shards
             if acc.is_main_process:
-                write_classifier_export(run.dir / name, encoder, spec, cfg.data.img_size, n_cls,
+                state = {k.removeprefix("encoder."): v for k, v in state.items()}
+                write_classifier_export(run.dir / name, state, spec, cfg.data.img_size, n_cls,
                                         {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}, train_urls)
 
         task = FinetuneTask(cfg, acc, run, model, optimizer, schedule, encoder, val_urls, mixup, criterion, ema,
                             ShardSource(stream, cfg.data.num_workers, acc.device.type == "cuda"), export)
         t = cfg.train
-        plan = Plan(d.stop_step, grad_accum=t.grad_accum, clip_grad=cfg.optim.clip_grad, log_every=t.log_every,
-                    ckpt_every=t.ckpt_every, keep_last=t.keep_last, keep_every=t.keep_every,
-                    batch_size=t.batch_size, eval_every_epochs=t.eval_every,
-                    preempt_check_every=t.preempt_check_every, progress=t.progress, desc="finetune")
+        plan = Plan.of(t, d.stop_step, cfg.optim.clip_grad, "finetune", eval_every_epochs=t.eval_every)
         out = fit(task, plan, acc, run, config_text)
         if out["preempted"]:
             return {"task": "finetune", "preempted": True, "step": out["step"]}
@@ -148,7 +155,10 @@ class FinetuneTask(Task):
     def evaluate(self, step: int, epochs: int) -> dict:
         cfg, acc = self.cfg, self.acc
         self.model.eval()
-        metrics = evaluate(self.model, eval_pass(cfg, self.val_urls, acc), acc)
+        # pad: one blank image and no label, so it counts for nothing (FSDP: processes with fewer batches run it)
+        size = cfg.data.img_size
+        pad = {"images": torch.zeros(1, 3, size, size), "label": torch.zeros(0, dtype=torch.long)}
+        metrics = evaluate(self.model, in_lockstep(eval_pass(cfg, self.val_urls, acc), acc, pad), acc)
         if self.ema is not None:
             self.ema.eval()
             metrics.update({f"ema_{k}": v for k, v in evaluate(self.ema.module, eval_pass(cfg, self.val_urls, acc),
@@ -167,8 +177,8 @@ class FinetuneTask(Task):
         return True
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "metrics": self.metrics}
+        return {**super().state_dict(), "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.best = state.get("best", self.best)
-        self.metrics = state.get("metrics", {})
