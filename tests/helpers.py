@@ -60,3 +60,28 @@ TINY_MAE = [
     "data.shuffle_buffer=20", "train.batch_size=4", "train.epochs=4", "optim.warmup_epochs=1",
     "train.log_every=2", "train.image_every=5", "train.progress=false",
 ]
+
+
+TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def write_tiny_vit_checkpoint(ckpt: Path, *overrides: str) -> Path:
+    """A training-checkpoint folder as the trainer writes one (model.safetensors with the method's `encoder.` keys +
+    the resolved config.yaml) for a seeded tiny ViT at 32 px; `overrides`: more dotted config keys (data.mean=...)."""
+    import json
+
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from mimtrain.config.pretrain import load_config, to_dict
+    from mimtrain.encoders import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("mim_vit_tiny_patch16", 32, num_classes=0, **TINY_VIT)
+    ckpt.mkdir()
+    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(ckpt / "model.safetensors"))
+    cfg = load_config(None, ["encoder.name=mim_vit_tiny_patch16", f"encoder.kwargs={json.dumps(TINY_VIT)}",
+                             "data.img_size=32", *overrides])
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "derived": {"world_size": 1}}))
+    return ckpt

@@ -19,17 +19,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
-from safetensors.torch import save_file
 
-from helpers import REPO, write_image_folder
+from helpers import REPO, write_image_folder, write_tiny_vit_checkpoint
 from mimtrain import cli
-from mimtrain.config.pretrain import load_config, to_dict
 from mimtrain.data.shards import make_shards
-from mimtrain.encoders import build_encoder
 
-VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_PRETRAIN = REPO / "recipes/pretrain/mae_vit_tiny_cpu.yaml"
 
 
@@ -107,14 +102,7 @@ def fx(tmp_path_factory) -> dict[str, str]:
     corrupt.mkdir()
     (corrupt / "shard-000000.tar").write_bytes(b"not a tar file at all" * 40)
 
-    torch.manual_seed(0)
-    enc = build_encoder("mim_vit_tiny_patch16", 32, num_classes=0, **VIT)
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(ckpt / "model.safetensors"))
-    cfg = load_config(None, ["encoder.name=mim_vit_tiny_patch16", f"encoder.kwargs={json.dumps(VIT)}",
-                             "data.img_size=32"])
-    (ckpt / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "derived": {"world_size": 1}}))
+    ckpt = write_tiny_vit_checkpoint(root / "ckpt")
     from mimtrain.checkpoint.export import export
 
     exported = export(ckpt, root / "export")

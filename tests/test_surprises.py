@@ -2,7 +2,6 @@
 cannot train say so, a --cpu launch that would run one process is refused, summaries print once and above the
 progress bar, and every bad input ends in one line naming the key, file or value (never a traceback)."""
 import io
-import json
 import os
 import subprocess
 import sys
@@ -10,16 +9,15 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from helpers import PY, REPO, make_test_shards
+from helpers import PY, REPO, TINY_VIT, make_test_shards, write_tiny_vit_checkpoint
 from mimtrain import cli
-from mimtrain.config.pretrain import ConfigError, derive, load_config, merge, to_dict
+from mimtrain.config.pretrain import ConfigError, derive, load_config, merge
 from mimtrain.encoders import build_encoder
 from mimtrain.config.classify import load_eval_config
 
 TINY_RECIPE = REPO / "recipes/pretrain/mae_vit_tiny_cpu.yaml"  # kwargs {patch_size: 4, embed_dim: 96, depth: 4, ...}
-VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+VIT = TINY_VIT
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("surprises")
     train = make_test_shards(root / "train", classes=3, per_class=8, shard_size=6)
     val = make_test_shards(root / "val", classes=3, per_class=4, shard_size=6)
-    torch.manual_seed(0)
-    enc = build_encoder("mim_vit_tiny_patch16", 32, num_classes=0, **VIT)
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    save_file({f"encoder.{k}": v.contiguous() for k, v in enc.state_dict().items()}, str(ckpt / "model.safetensors"))
-    cfg = load_config(None, ["encoder.name=mim_vit_tiny_patch16", f"encoder.kwargs={json.dumps(VIT)}",
-                             "data.img_size=32", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]"])
-    (ckpt / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "derived": {"world_size": 1}}))
+    ckpt = write_tiny_vit_checkpoint(root / "ckpt", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
     exp = export(ckpt, root / "export")
     return {"root": root, "train": str(train), "val": str(val), "ckpt": ckpt, "export": exp}
 
